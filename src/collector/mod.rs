@@ -1,0 +1,61 @@
+//! Collectors: the pack format (`pack`), rows → families (`rows`) and the per-target poll
+//! loop (`poller`), plus the plan printout of `pgvigil check-config`.
+
+pub mod pack;
+pub mod poller;
+pub mod rows;
+
+use std::fmt::Write as _;
+
+use crate::config::{CollectorDefaults, Config};
+use pack::{Catalog, Scope};
+
+/// The PostgreSQL majors pgvigil supports; the plan shows the variant chosen for each.
+pub const SUPPORTED_MAJORS: &[u32] = &[13, 14, 15, 16, 17, 18];
+
+/// A human-readable plan: targets, then each collector with its interval, timeout and the
+/// SQL variant each supported server version gets.
+pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
+    let d: CollectorDefaults = config.collectors.defaults;
+    let mut out = String::new();
+    let _ = writeln!(out, "listen: {}", config.listen);
+    let _ = writeln!(out, "targets:");
+    for t in &config.targets {
+        let _ = writeln!(out, "  {}: {:?}", t.name, t.dsn);
+    }
+    let _ = writeln!(out, "collectors ({}):", catalog.collectors.len());
+    for c in &catalog.collectors {
+        let scope = match c.scope {
+            Scope::Cluster => "cluster",
+            Scope::Database => "database",
+        };
+        let _ = writeln!(
+            out,
+            "  {} [{}] every {}, timeout {}, {} metrics, from {}",
+            c.name,
+            scope,
+            c.interval.unwrap_or(d.interval),
+            c.timeout.unwrap_or(d.timeout),
+            c.metrics.0.len(),
+            c.source.display()
+        );
+        if let Some(ext) = &c.requires.extension {
+            let _ = writeln!(out, "      requires extension {ext}");
+        }
+        for major in SUPPORTED_MAJORS {
+            let chosen = c.queries.resolve_index(major * 10_000);
+            let _ = match chosen {
+                Some(i) => writeln!(
+                    out,
+                    "      PostgreSQL {major}: queries[{i}] ({})",
+                    c.queries.0[i].range_text()
+                ),
+                None => writeln!(out, "      PostgreSQL {major}: skipped (no variant)"),
+            };
+        }
+    }
+    for note in &catalog.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+    out
+}

@@ -1,0 +1,655 @@
+//! The collector pack format (`queries/*.yaml` and user packs): its typed model, loading of
+//! the built-in packs (compiled in) plus user packs, and every check that can be done
+//! without a database. What a pack says is data; how it runs is `poller.rs`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::config::{CollectorsConfig, Interval, LabelName, MetricName};
+use crate::yaml::{self, YamlError};
+
+/// The packs shipped inside the binary: (file name, text).
+pub const BUILTIN_PACKS: &[(&str, &str)] = &[(
+    "queries/database.yaml",
+    include_str!("../../queries/database.yaml"),
+)];
+
+/// Errors while loading packs.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Yaml(#[from] YamlError),
+}
+
+/// One pack file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackFile {
+    collectors: Vec<CollectorDef>,
+}
+
+/// Where a collector runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Once per target, on the database named in its DSN.
+    Cluster,
+    /// Once per database of the target that passes its `databases` filter.
+    Database,
+}
+
+/// The Prometheus type of a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricType {
+    Gauge,
+    Counter,
+    /// Value is always 1; the labels carry the information.
+    Info,
+}
+
+/// A collector: one query (in version variants) and the metrics read from its rows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorDef {
+    pub name: CollectorName,
+    pub help: String,
+    #[serde(default = "default_scope")]
+    pub scope: Scope,
+    #[serde(default)]
+    pub interval: Option<Interval>,
+    #[serde(default)]
+    pub timeout: Option<Interval>,
+    /// Facts the database must have for this collector to run.
+    #[serde(default)]
+    pub requires: Requires,
+    pub queries: Variants,
+    pub metrics: Metrics,
+    /// Which file this came from (for messages); set after parsing.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+fn default_scope() -> Scope {
+    Scope::Cluster
+}
+
+/// Preconditions checked on the connected database before the query runs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Requires {
+    /// An extension that must be installed in the database (e.g. `pg_stat_statements`).
+    #[serde(default)]
+    pub extension: Option<String>,
+}
+
+/// A collector name: lower-case identifier, used in self-metric labels and in `disable`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CollectorName(pub String);
+
+impl<'de> Deserialize<'de> for CollectorName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::config::from_str_de(d)
+    }
+}
+
+impl std::str::FromStr for CollectorName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.to_string();
+        let ok = s.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if ok {
+            Ok(CollectorName(s))
+        } else {
+            Err(format!(
+                "invalid collector name {s:?}: use lower-case letters, digits and _"
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for CollectorName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A server version as `server_version_num` (e.g. 140005). In YAML: `14` (a major),
+/// `9.6`, or a full `server_version_num`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(pub u32);
+
+impl Version {
+    fn parse(s: &str) -> Result<Version, String> {
+        let bad = || format!("invalid version {s:?}: write a major version such as 14, or 9.6");
+        let mut parts = s.trim().splitn(2, '.');
+        let major: u32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let minor: u32 = match parts.next() {
+            Some(p) => p.parse().map_err(|_| bad())?,
+            None => 0,
+        };
+        match major {
+            10_000.. => Ok(Version(major)),
+            10..=99 if minor == 0 => Ok(Version(major * 10_000)),
+            7..=9 => Ok(Version(major * 10_000 + minor * 100)),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The last version of the same release line: `14` → 14.x, `9.6` → 9.6.x.
+    fn end_of_line(self) -> Version {
+        if self.0 >= 100_000 {
+            Version(self.0 - self.0 % 10_000 + 9_999)
+        } else {
+            Version(self.0 - self.0 % 100 + 99)
+        }
+    }
+
+    pub fn major(self) -> u32 {
+        if self.0 >= 100_000 {
+            self.0 / 10_000
+        } else {
+            self.0 / 100
+        }
+    }
+}
+
+impl std::str::FromStr for Version {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Version::parse(s)
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 >= 100_000 {
+            write!(f, "{}.{}", self.0 / 10_000, self.0 % 10_000)
+        } else {
+            write!(
+                f,
+                "{}.{}.{}",
+                self.0 / 10_000,
+                self.0 / 100 % 100,
+                self.0 % 100
+            )
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Version {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // YAML scalars (`14`, `9.6`) arrive as text here, located at the scalar.
+        crate::config::from_str_de(d)
+    }
+}
+
+/// One SQL text and the server versions it is for (inclusive; `max_version: 13` covers
+/// all of 13.x).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    #[serde(default)]
+    pub min_version: Option<Version>,
+    #[serde(default)]
+    pub max_version: Option<Version>,
+    pub sql: String,
+}
+
+impl Variant {
+    fn low(&self) -> u32 {
+        self.min_version.map_or(0, |v| v.0)
+    }
+    fn high(&self) -> u32 {
+        self.max_version.map_or(u32::MAX, |v| v.end_of_line().0)
+    }
+    pub fn matches(&self, server: u32) -> bool {
+        self.low() <= server && server <= self.high()
+    }
+    /// `13–16`, `14+`, `any`: for the plan printout.
+    pub fn range_text(&self) -> String {
+        match (self.min_version, self.max_version) {
+            (None, None) => "any version".into(),
+            (Some(a), None) => format!(">= {}", short(a)),
+            (None, Some(b)) => format!("<= {}", short(b)),
+            (Some(a), Some(b)) => format!("{} to {}", short(a), short(b)),
+        }
+    }
+}
+
+fn short(v: Version) -> String {
+    if v.0 >= 100_000 && v.0 % 10_000 == 0 {
+        (v.0 / 10_000).to_string()
+    } else if v.0 < 100_000 && v.0 % 100 == 0 {
+        format!("{}.{}", v.0 / 10_000, v.0 / 100 % 100)
+    } else {
+        v.to_string()
+    }
+}
+
+/// The SQL variants of a collector: non-empty, each range sensible, and no two that
+/// match the same version with neither being more specific.
+#[derive(Debug, Clone)]
+pub struct Variants(pub Vec<Variant>);
+
+impl<'de> Deserialize<'de> for Variants {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let v = Vec::<Variant>::deserialize(d)?;
+        if v.is_empty() {
+            return Err(D::Error::custom("at least one query is required"));
+        }
+        for (i, a) in v.iter().enumerate() {
+            if a.sql.trim().is_empty() {
+                return Err(D::Error::custom(format!("queries[{i}].sql is empty")));
+            }
+            if a.low() > a.high() {
+                return Err(D::Error::custom(format!(
+                    "queries[{i}]: min_version is above max_version"
+                )));
+            }
+            for (j, b) in v.iter().enumerate().skip(i + 1) {
+                let overlap = a.low() <= b.high() && b.low() <= a.high();
+                if overlap && a.low() == b.low() && a.high() == b.high() {
+                    return Err(D::Error::custom(format!(
+                        "queries[{i}] ({}) and queries[{j}] ({}) both match the same versions \
+                         with the same range, so neither is more specific; \
+                         give them distinct version ranges",
+                        a.range_text(),
+                        b.range_text()
+                    )));
+                }
+            }
+        }
+        Ok(Variants(v))
+    }
+}
+
+impl Variants {
+    /// The variant for a server: among those whose range matches, the one with the
+    /// highest `min_version`; on a tie, the one with the narrower (lower) `max_version`.
+    pub fn resolve(&self, server_version_num: u32) -> Option<&Variant> {
+        self.resolve_index(server_version_num).map(|i| &self.0[i])
+    }
+
+    /// The index of [`Variants::resolve`]'s choice.
+    pub fn resolve_index(&self, server_version_num: u32) -> Option<usize> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.matches(server_version_num))
+            .max_by_key(|(_, v)| (v.low(), std::cmp::Reverse(v.high())))
+            .map(|(i, _)| i)
+    }
+}
+
+/// How one metric is read from the rows.
+#[derive(Debug, Clone)]
+pub struct MetricDef {
+    pub name: MetricName,
+    pub kind: MetricType,
+    pub help: String,
+    /// Column holding the value; `None` only for `info` metrics (value 1).
+    pub value: Option<String>,
+    /// Columns that become labels, in order.
+    pub labels: Vec<LabelName>,
+    /// Fixed labels added to every sample.
+    pub static_labels: BTreeMap<LabelName, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetric {
+    name: MetricName,
+    #[serde(rename = "type")]
+    kind: MetricType,
+    help: String,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    labels: Vec<LabelName>,
+    #[serde(default)]
+    static_labels: BTreeMap<LabelName, String>,
+}
+
+impl TryFrom<RawMetric> for MetricDef {
+    type Error = String;
+    fn try_from(r: RawMetric) -> Result<Self, String> {
+        let name = &r.name.0;
+        match r.kind {
+            MetricType::Counter if !name.ends_with("_total") => {
+                return Err(format!(
+                    "metric {name}: counter names must end in _total (Prometheus convention)"
+                ))
+            }
+            MetricType::Info if !name.ends_with("_info") => {
+                return Err(format!(
+                    "metric {name}: info metric names must end in _info"
+                ))
+            }
+            MetricType::Gauge | MetricType::Counter if r.value.is_none() => {
+                return Err(format!(
+                    "metric {name}: `value` (the column holding the value) is required"
+                ))
+            }
+            _ => {}
+        }
+        if r.help.trim().is_empty() {
+            return Err(format!("metric {name}: help must not be empty"));
+        }
+        let mut seen = HashSet::new();
+        for l in r.labels.iter().chain(r.static_labels.keys()) {
+            if l.0 == "target" {
+                return Err(format!(
+                    "metric {name}: label `target` is reserved (pgvigil sets it)"
+                ));
+            }
+            if !seen.insert(&l.0) {
+                return Err(format!("metric {name}: label {} appears twice", l.0));
+            }
+        }
+        Ok(MetricDef {
+            name: r.name,
+            kind: r.kind,
+            help: r.help,
+            value: r.value,
+            labels: r.labels,
+            static_labels: r.static_labels,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for MetricDef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        RawMetric::deserialize(d)?
+            .try_into()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The metrics of a collector: non-empty, names unique.
+#[derive(Debug, Clone)]
+pub struct Metrics(pub Vec<MetricDef>);
+
+impl<'de> Deserialize<'de> for Metrics {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let v = Vec::<MetricDef>::deserialize(d)?;
+        if v.is_empty() {
+            return Err(D::Error::custom("at least one metric is required"));
+        }
+        let mut seen = HashSet::new();
+        for m in &v {
+            if !seen.insert(&m.name) {
+                return Err(D::Error::custom(format!(
+                    "duplicate metric name {}",
+                    m.name
+                )));
+            }
+        }
+        Ok(Metrics(v))
+    }
+}
+
+/// Every collector that will run, after built-ins, user packs and `disable` are applied.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pub collectors: Vec<CollectorDef>,
+    /// Human-readable notes from loading (overrides), for the log.
+    pub notes: Vec<String>,
+}
+
+struct Loaded {
+    path: PathBuf,
+    text: String,
+    builtin: bool,
+}
+
+impl Catalog {
+    /// Loads the built-in packs and the user packs named in `config.paths` (directories are
+    /// scanned for `*.yaml`/`*.yml`, sorted by name).
+    pub fn load(config: &CollectorsConfig) -> Result<Catalog, PackError> {
+        let mut files: Vec<Loaded> = BUILTIN_PACKS
+            .iter()
+            .map(|(name, text)| Loaded {
+                path: PathBuf::from(name),
+                text: text.to_string(),
+                builtin: true,
+            })
+            .collect();
+        for p in &config.paths {
+            for path in pack_files(p)? {
+                let text = std::fs::read_to_string(&path).map_err(|source| PackError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                files.push(Loaded {
+                    path,
+                    text,
+                    builtin: false,
+                });
+            }
+        }
+        Catalog::from_files(files, &config.disable)
+    }
+
+    fn from_files(files: Vec<Loaded>, disable: &[String]) -> Result<Catalog, PackError> {
+        let mut collectors: Vec<(CollectorDef, bool)> = Vec::new();
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        let mut notes = Vec::new();
+        let mut texts: HashMap<PathBuf, &str> = HashMap::new();
+        for f in &files {
+            texts.insert(f.path.clone(), &f.text);
+            let pack: PackFile = yaml::parse(&f.path, &f.text)?;
+            for mut c in pack.collectors {
+                c.source = f.path.clone();
+                match by_name.get(&c.name.0) {
+                    Some(&i) if collectors[i].1 && !f.builtin => {
+                        notes.push(format!(
+                            "collector {} from {} overrides the built-in one",
+                            c.name,
+                            f.path.display()
+                        ));
+                        collectors[i] = (c, false);
+                    }
+                    Some(&i) => {
+                        let at = yaml::locate(&f.text, "name", &c.name.0);
+                        return Err(YamlError::at(
+                            &f.path,
+                            at,
+                            format!(
+                                "collectors: collector {} is already defined in {}",
+                                c.name,
+                                collectors[i].0.source.display()
+                            ),
+                        )
+                        .into());
+                    }
+                    None => {
+                        by_name.insert(c.name.0.clone(), collectors.len());
+                        collectors.push((c, f.builtin));
+                    }
+                }
+            }
+        }
+        for name in disable {
+            if !by_name.contains_key(name) {
+                let mut known: Vec<_> = by_name.keys().cloned().collect();
+                known.sort();
+                return Err(YamlError::at(
+                    Path::new("config"),
+                    (0, 0),
+                    format!(
+                        "collectors.disable: no collector named {name:?} (known: {})",
+                        known.join(", ")
+                    ),
+                )
+                .into());
+            }
+        }
+        let collectors: Vec<CollectorDef> = collectors
+            .into_iter()
+            .map(|(c, _)| c)
+            .filter(|c| !disable.contains(&c.name.0))
+            .collect();
+        // A metric name may come from one collector only: two would fight over the family.
+        let mut owner: HashMap<&str, &CollectorDef> = HashMap::new();
+        for c in &collectors {
+            for m in &c.metrics.0 {
+                if let Some(first) = owner.insert(&m.name.0, c) {
+                    let text = texts.get(&c.source).copied().unwrap_or("");
+                    return Err(YamlError::at(
+                        &c.source,
+                        yaml::locate(text, "name", &m.name.0),
+                        format!(
+                            "collectors[{}].metrics: duplicate metric name {}: already defined by collector {} in {}",
+                            c.name,
+                            m.name,
+                            first.name,
+                            first.source.display()
+                        ),
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(Catalog { collectors, notes })
+    }
+}
+
+/// The pack files under a configured path: the file itself, or a directory's YAML files.
+fn pack_files(p: &Path) -> Result<Vec<PathBuf>, PackError> {
+    let read_err = |source| PackError::Read {
+        path: p.to_path_buf(),
+        source,
+    };
+    if !p.is_dir() {
+        std::fs::metadata(p).map_err(read_err)?;
+        return Ok(vec![p.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(p).map_err(read_err)? {
+        let path = entry.map_err(read_err)?.path();
+        let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        if yaml && path.is_file() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(user: &str) -> Result<Catalog, String> {
+        let mut files: Vec<Loaded> = BUILTIN_PACKS
+            .iter()
+            .map(|(n, t)| Loaded {
+                path: PathBuf::from(n),
+                text: t.to_string(),
+                builtin: true,
+            })
+            .collect();
+        files.push(Loaded {
+            path: PathBuf::from("user.yaml"),
+            text: user.to_string(),
+            builtin: false,
+        });
+        Catalog::from_files(files, &[]).map_err(|e| e.to_string())
+    }
+
+    const ONE: &str = "collectors:\n  - name: mine\n    help: Mine.\n    queries:\n      - sql: SELECT 1 AS v\n    metrics:\n      - name: my_value\n        type: gauge\n        help: A value.\n        value: v\n";
+
+    #[test]
+    fn builtin_packs_load() {
+        let c = load("collectors: []").unwrap();
+        assert!(c.collectors.iter().any(|c| c.name.0 == "database"));
+    }
+
+    #[test]
+    fn user_pack_adds_a_collector() {
+        let c = load(ONE).unwrap();
+        assert!(c.collectors.iter().any(|c| c.name.0 == "mine"));
+    }
+
+    #[test]
+    fn bad_packs_are_located() {
+        let e = load(&ONE.replace("type: gauge", "type: gauge\n        colour: red")).unwrap_err();
+        assert!(e.starts_with("user.yaml:"), "{e}");
+        assert!(e.contains("unknown field `colour`"), "{e}");
+
+        let e = load(&ONE.replace("my_value", "my-value")).unwrap_err();
+        assert!(e.starts_with("user.yaml:7:"), "{e}");
+        assert!(e.contains("invalid metric name"), "{e}");
+
+        let e = load(&ONE.replace("type: gauge", "type: histogram")).unwrap_err();
+        assert!(e.starts_with("user.yaml:8:"), "{e}");
+        assert!(e.contains("unknown variant `histogram`"), "{e}");
+
+        let e =
+            load(&ONE.replace("help: Mine.", "help: Mine.\n    interval: 5 parsecs")).unwrap_err();
+        assert!(e.starts_with("user.yaml:4:"), "{e}");
+        assert!(e.contains("invalid duration"), "{e}");
+
+        let e = load(&ONE.replace("queries:\n", "queries: 7\n")).unwrap_err();
+        assert!(e.starts_with("user.yaml:4:"), "{e}");
+        assert!(e.contains("invalid type"), "{e}");
+
+        let e = load(&ONE.replace("my_value", "pg_database_size_bytes")).unwrap_err();
+        assert!(e.starts_with("user.yaml:7:"), "{e}");
+        assert!(
+            e.contains("duplicate metric name pg_database_size_bytes"),
+            "{e}"
+        );
+
+        let e = load(&ONE.replace("type: gauge", "type: counter")).unwrap_err();
+        assert!(e.contains("must end in _total"), "{e}");
+    }
+
+    #[test]
+    fn user_pack_overrides_builtin_by_name() {
+        let c = load(&ONE.replace("name: mine", "name: database")).unwrap();
+        let db = c
+            .collectors
+            .iter()
+            .find(|c| c.name.0 == "database")
+            .unwrap();
+        assert_eq!(db.source, PathBuf::from("user.yaml"));
+        assert_eq!(c.notes.len(), 1);
+    }
+
+    #[test]
+    fn versions_resolve_to_the_most_specific_variant() {
+        let text = "- sql: a\n- min_version: 14\n  sql: b\n- min_version: 17\n  sql: c\n- max_version: 9.6\n  sql: d\n";
+        let v: Variants = serde_yaml_ng::from_str(text).unwrap();
+        assert_eq!(v.resolve(130_004).unwrap().sql, "a");
+        assert_eq!(v.resolve(140_000).unwrap().sql, "b");
+        assert_eq!(v.resolve(169_999).unwrap().sql, "b");
+        assert_eq!(v.resolve(180_001).unwrap().sql, "c");
+        assert_eq!(v.resolve(90_624).unwrap().sql, "d");
+        let only: Variants = serde_yaml_ng::from_str("- min_version: 15\n  sql: x\n").unwrap();
+        assert!(only.resolve(140_010).is_none());
+    }
+
+    #[test]
+    fn ambiguous_version_ranges_are_rejected() {
+        let text = "- min_version: 14\n  max_version: 16\n  sql: a\n- min_version: 14\n  max_version: 16\n  sql: b\n";
+        let e = serde_yaml_ng::from_str::<Variants>(text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("neither is more specific"), "{e}");
+        let ok = "- min_version: 13\n  max_version: 13\n  sql: a\n- min_version: 14\n  sql: b\n";
+        assert!(serde_yaml_ng::from_str::<Variants>(ok).is_ok());
+    }
+}

@@ -1,0 +1,479 @@
+//! The poll loop of one target: a background task per collector on its interval, sharing
+//! at most one connection per database. Results go to the snapshot store; failures are
+//! counted and logged (rate-limited) and never stop other collectors or targets.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::collector::pack::{CollectorDef, Scope};
+use crate::collector::rows;
+use crate::config::{describe, CollectorDefaults, Target};
+use crate::postgres::{self, ErrorKind, PgError, ServerInfo};
+use crate::store::{Snapshot, Store};
+
+/// Reconnect backoff: doubles from `BACKOFF_MIN` up to `BACKOFF_MAX`, with ±25 % jitter.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often the database list for `scope: database` collectors is refreshed.
+const DISCOVERY_EVERY: Duration = Duration::from_secs(60);
+/// The same error is logged again at most this often.
+const LOG_REPEAT: Duration = Duration::from_secs(300);
+
+/// One database connection of a target, shared by all its collectors. The async mutex
+/// serialises them: each query runs in its own transaction, which cannot interleave on one
+/// connection.
+#[derive(Default)]
+struct Slot {
+    client: Option<(Client, ServerInfo)>,
+    failures: u32,
+    next_attempt: Option<Instant>,
+}
+
+type SlotGuard = tokio::sync::OwnedMutexGuard<Slot>;
+
+/// Polls one target.
+pub struct TargetPoller {
+    target: Target,
+    store: Arc<Store>,
+    defaults: CollectorDefaults,
+    collectors: Arc<Vec<CollectorDef>>,
+    /// Database name → its connection slot. A std mutex: only held to look up the map.
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// The databases `scope: database` collectors visit, and when they were listed.
+    databases: Mutex<(Vec<String>, Option<Instant>)>,
+    /// Collectors that have not finished a first run (for `/readyz`).
+    pending: Mutex<HashSet<String>>,
+    log: Mutex<LogLimiter>,
+    base_labels: Vec<(Arc<str>, String)>,
+}
+
+impl TargetPoller {
+    pub fn new(
+        target: Target,
+        collectors: Arc<Vec<CollectorDef>>,
+        defaults: CollectorDefaults,
+        store: Arc<Store>,
+    ) -> Arc<TargetPoller> {
+        let base_labels: Vec<(Arc<str>, String)> = target
+            .labels
+            .iter()
+            .map(|(k, v)| (Arc::from(k.as_str()), v.clone()))
+            .collect();
+        store.add_target(&target.name, base_labels.clone());
+        let pending = collectors.iter().map(|c| c.name.0.clone()).collect();
+        Arc::new(TargetPoller {
+            target,
+            store,
+            defaults,
+            collectors,
+            slots: Mutex::new(HashMap::new()),
+            databases: Mutex::new((Vec::new(), None)),
+            pending: Mutex::new(pending),
+            log: Mutex::new(LogLimiter::default()),
+            base_labels,
+        })
+    }
+
+    fn main_db(&self) -> String {
+        self.target
+            .pg
+            .0
+            .get_dbname()
+            .map(str::to_string)
+            .or_else(|| self.target.pg.0.get_user().map(str::to_string))
+            .unwrap_or_else(|| "postgres".into())
+    }
+
+    /// Starts the background tasks; they stop when `shutdown` turns true.
+    pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) {
+        for idx in 0..self.collectors.len() {
+            let me = Arc::clone(self);
+            let stop = shutdown.clone();
+            tokio::spawn(async move { me.collector_loop(idx, stop).await });
+        }
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.heartbeat(shutdown).await });
+    }
+
+    /// Keeps `pg_up` current even when every collector has a long interval: makes sure the
+    /// main connection exists (reconnecting with backoff). Sends no query.
+    async fn heartbeat(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let every = self.defaults.interval.0.min(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { let _ = self.acquire(&self.main_db()).await; }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn collector_loop(self: Arc<Self>, idx: usize, mut shutdown: watch::Receiver<bool>) {
+        let def = &self.collectors[idx];
+        let every = def.interval.unwrap_or(self.defaults.interval).0;
+        // Spread the first runs so many targets and collectors do not fire in lockstep.
+        let jitter_ms = (every.as_millis() as u64).clamp(1, 3_000);
+        let start =
+            tokio::time::Instant::now() + Duration::from_millis(fastrand::u64(0..jitter_ms));
+        let mut tick = tokio::time::interval_at(start, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.poll_collector(def).await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Runs every collector once, in order (for `pgvigil once`).
+    pub async fn poll_all_once(&self) {
+        for def in self.collectors.iter() {
+            self.poll_collector(def).await;
+        }
+    }
+
+    /// One run of a collector: on the main database, or on each monitored database.
+    pub async fn poll_collector(&self, def: &CollectorDef) {
+        match def.scope {
+            Scope::Cluster => {
+                let db = self.main_db();
+                let started = Instant::now();
+                let result = self.run(def, &db).await;
+                self.record(def, "", result, started.elapsed());
+            }
+            Scope::Database => {
+                let dbs = self.databases().await;
+                self.store
+                    .retain_databases(&self.target.name, &def.name.0, &dbs);
+                let started = Instant::now();
+                let mut outcome: Result<Option<Snapshot>, PgError> = Ok(None);
+                for db in &dbs {
+                    let r = self.run(def, db).await;
+                    // Per-database results are stored separately; the run counts as failed
+                    // if any database failed.
+                    match r {
+                        Ok(Some(snapshot)) => self.store.put(self.key(def, db), snapshot),
+                        Ok(None) => self.store.remove(&self.key(def, db)),
+                        Err(e) => {
+                            self.store.remove(&self.key(def, db));
+                            self.report(def, db, &e);
+                            outcome = Err(e);
+                        }
+                    }
+                }
+                // Only health is recorded here; the snapshots are already stored.
+                self.record_health(def, outcome.as_ref().err(), started.elapsed());
+            }
+        }
+        self.first_run_done(def);
+    }
+
+    fn key(&self, def: &CollectorDef, db: &str) -> (String, String, String) {
+        (self.target.name.clone(), def.name.0.clone(), db.to_string())
+    }
+
+    /// Runs the collector's query on `db`; `Ok(None)` when it does not apply there.
+    async fn run(&self, def: &CollectorDef, db: &str) -> Result<Option<Snapshot>, PgError> {
+        let mut slot = self.acquire(db).await?;
+        let Some((client, info)) = slot.client.as_ref() else {
+            return Err(PgError::new(ErrorKind::Connect, "not connected"));
+        };
+        let Some(variant) = def.queries.resolve(info.version_num) else {
+            let v = info.version_num;
+            self.once(
+                def,
+                db,
+                &format!(
+                    "no query variant for server version {v}; collector skipped on this server"
+                ),
+            );
+            return Ok(None);
+        };
+        if let Some(ext) = &def.requires.extension {
+            if !info.extensions.contains(ext) {
+                return Err(PgError::new(
+                    ErrorKind::MissingExtension,
+                    format!("extension {ext} is not installed in database {db:?}; collector skipped (CREATE EXTENSION {ext} to enable it)"),
+                ));
+            }
+        }
+        let timeout = def.timeout.unwrap_or(self.defaults.timeout).0;
+        let result =
+            postgres::query(client, &variant.sql, timeout, self.defaults.lock_timeout.0).await;
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) => {
+                if e.fatal || client.is_closed() {
+                    slot.client = None;
+                    if db == self.main_db() {
+                        self.set_up(false);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let families = rows::to_families(def, &rows, &self.base_labels, db)?;
+        Ok(Some(Snapshot { families }))
+    }
+
+    /// The connection slot for `db`, connected. Honours the backoff: while waiting for the
+    /// next attempt it fails fast without touching the network or the log.
+    async fn acquire(&self, db: &str) -> Result<SlotGuard, PgError> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(slots.entry(db.to_string()).or_default())
+        };
+        let mut guard = slot.lock_owned().await;
+        if let Some((client, _)) = &guard.client {
+            if !client.is_closed() {
+                return Ok(guard);
+            }
+            tracing::warn!(target = %self.target.name, database = db, "connection lost; reconnecting");
+            guard.client = None;
+            if db == self.main_db() {
+                self.set_up(false);
+            }
+        }
+        if let Some(at) = guard.next_attempt {
+            if Instant::now() < at {
+                return Err(PgError::new(
+                    ErrorKind::Connect,
+                    format!(
+                        "database {db:?} unreachable; next attempt in {:.1}s",
+                        at.saturating_duration_since(Instant::now()).as_secs_f64()
+                    ),
+                ));
+            }
+        }
+        let mut config = self.target.pg.0.clone();
+        config.dbname(db);
+        match postgres::connect(&config, self.defaults.timeout.0).await {
+            Ok((client, info)) => {
+                if guard.failures > 0 {
+                    tracing::info!(target = %self.target.name, database = db, "reconnected after {} failed attempts", guard.failures);
+                } else {
+                    tracing::info!(target = %self.target.name, database = db, server_version = info.version_num, "connected");
+                }
+                guard.failures = 0;
+                guard.next_attempt = None;
+                guard.client = Some((client, info));
+                if db == self.main_db() {
+                    self.set_up(true);
+                }
+                Ok(guard)
+            }
+            Err(e) => {
+                guard.failures += 1;
+                let backoff = backoff(guard.failures);
+                guard.next_attempt = Some(Instant::now() + backoff);
+                // Logged once per backoff step, never with the password.
+                tracing::warn!(
+                    target = %self.target.name,
+                    database = db,
+                    "cannot connect to {}: {}; retrying in {:.1}s",
+                    describe(&config),
+                    e.message,
+                    backoff.as_secs_f64()
+                );
+                if db == self.main_db() {
+                    self.set_up(false);
+                    self.store
+                        .update_target(&self.target.name, |h| h.ready = true);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The databases to visit, refreshed at most every [`DISCOVERY_EVERY`]. On failure the
+    /// previous list is kept.
+    async fn databases(&self) -> Vec<String> {
+        {
+            let d = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+            if d.1.is_some_and(|at| at.elapsed() < DISCOVERY_EVERY) {
+                return d.0.clone();
+            }
+        }
+        let main = self.main_db();
+        let listed = async {
+            let slot = self.acquire(&main).await?;
+            let (client, _) = slot
+                .client
+                .as_ref()
+                .ok_or_else(|| PgError::new(ErrorKind::Connect, "not connected"))?;
+            let rows = postgres::query(
+                client,
+                "SELECT datname::text FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
+                self.defaults.timeout.0,
+                self.defaults.lock_timeout.0,
+            )
+            .await?;
+            Ok::<_, PgError>(rows.iter().filter_map(|r| r.try_get::<_, String>(0).ok()).collect::<Vec<_>>())
+        }
+        .await;
+        let mut d = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+        match listed {
+            Ok(all) => {
+                d.0 = all
+                    .into_iter()
+                    .filter(|n| self.target.databases.matches(n))
+                    .collect();
+                d.1 = Some(Instant::now());
+            }
+            Err(e) => {
+                tracing::debug!(target = %self.target.name, "cannot list databases: {e}");
+            }
+        }
+        d.0.clone()
+    }
+
+    fn set_up(&self, up: bool) {
+        self.store.update_target(&self.target.name, |h| h.up = up);
+    }
+
+    fn first_run_done(&self, def: &CollectorDef) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.remove(&def.name.0) && p.is_empty() {
+            self.store
+                .update_target(&self.target.name, |h| h.ready = true);
+        }
+    }
+
+    /// Stores a cluster-scope result and its health.
+    fn record(
+        &self,
+        def: &CollectorDef,
+        db: &str,
+        result: Result<Option<Snapshot>, PgError>,
+        took: Duration,
+    ) {
+        let key = self.key(def, db);
+        match &result {
+            Ok(Some(_)) => {}
+            Ok(None) => self.store.remove(&key),
+            Err(e) => {
+                self.store.remove(&key);
+                self.report(def, db, e);
+            }
+        }
+        self.record_health(def, result.as_ref().err(), took);
+        if let Ok(Some(snapshot)) = result {
+            self.store.put(key, snapshot);
+        }
+    }
+
+    fn record_health(&self, def: &CollectorDef, error: Option<&PgError>, took: Duration) {
+        let name = def.name.0.clone();
+        self.store.update_target(&self.target.name, |h| {
+            let c = h.collectors.entry(name).or_default();
+            c.last_duration = Some(took);
+            match error {
+                Some(e) => *c.errors.entry(e.kind).or_default() += 1,
+                None => c.last_success = Some(SystemTime::now()),
+            }
+        });
+        if error.is_none() {
+            let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+            if log.recovered(&def.name.0) {
+                tracing::info!(target = %self.target.name, collector = %def.name, "collector recovered");
+            }
+        }
+    }
+
+    /// Logs a collector error, at most once per [`LOG_REPEAT`] for the same message.
+    /// Connect errors are logged where the connection is attempted.
+    fn report(&self, def: &CollectorDef, db: &str, e: &PgError) {
+        if e.kind == ErrorKind::Connect {
+            return;
+        }
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.should_log(&def.name.0, db, &e.message) {
+            tracing::warn!(
+                target = %self.target.name,
+                collector = %def.name,
+                database = db,
+                kind = e.kind.as_str(),
+                "collector failed: {}",
+                e.message
+            );
+        }
+    }
+
+    /// Logs a fact about a collector once per target and database.
+    fn once(&self, def: &CollectorDef, db: &str, message: &str) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if log
+            .once
+            .insert((def.name.0.clone(), db.to_string(), message.to_string()))
+        {
+            tracing::info!(target = %self.target.name, collector = %def.name, database = db, "{message}");
+        }
+    }
+}
+
+/// `BACKOFF_MIN · 2^(failures-1)`, capped at `BACKOFF_MAX`, ±25 % jitter.
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_MIN.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let capped = exp.min(BACKOFF_MAX);
+    capped.mul_f64(0.75 + fastrand::f64() * 0.5)
+}
+
+/// Remembers what was logged, so repeating failures do not flood the log.
+#[derive(Default)]
+struct LogLimiter {
+    last: HashMap<(String, String), (String, Instant)>,
+    once: HashSet<(String, String, String)>,
+}
+
+impl LogLimiter {
+    fn should_log(&mut self, collector: &str, db: &str, message: &str) -> bool {
+        let key = (collector.to_string(), db.to_string());
+        match self.last.get(&key) {
+            Some((m, at)) if m == message && at.elapsed() < LOG_REPEAT => false,
+            _ => {
+                self.last.insert(key, (message.to_string(), Instant::now()));
+                true
+            }
+        }
+    }
+
+    /// True when the collector had a logged failure, which is now cleared.
+    fn recovered(&mut self, collector: &str) -> bool {
+        let before = self.last.len();
+        self.last.retain(|(c, _), _| c != collector);
+        before != self.last.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        for _ in 0..50 {
+            let b1 = backoff(1);
+            assert!(b1 >= Duration::from_millis(750) && b1 <= Duration::from_millis(1250));
+            let b3 = backoff(3);
+            assert!(b3 >= Duration::from_secs(3) && b3 <= Duration::from_secs(5));
+            let b20 = backoff(20);
+            assert!(b20 >= Duration::from_millis(22_500) && b20 <= Duration::from_millis(37_500));
+        }
+    }
+
+    #[test]
+    fn log_limiter_repeats_only_on_change() {
+        let mut l = LogLimiter::default();
+        assert!(l.should_log("c", "", "boom"));
+        assert!(!l.should_log("c", "", "boom"));
+        assert!(l.should_log("c", "", "other"));
+        assert!(l.recovered("c"));
+        assert!(!l.recovered("c"));
+        assert!(l.should_log("c", "", "other"));
+    }
+}

@@ -1,0 +1,447 @@
+//! The config file (`pgvigil.yaml`): its typed model, defaults, environment overrides and
+//! validation. Every problem is reported with file, line and field; nothing here touches
+//! the network.
+
+mod types;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+
+pub use types::{from_str_de, Interval, LabelName, MetricName, Pattern};
+
+use crate::yaml::{self, YamlError};
+
+/// Default address of `/metrics` (postgres_exporter's well-known port).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9187";
+
+/// Errors while loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Yaml(#[from] YamlError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The PostgreSQL servers to monitor.
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+    /// Which collector packs run, and their default interval and timeout.
+    #[serde(default)]
+    pub collectors: CollectorsConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().expect("constant address parses")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+            targets: Vec::new(),
+            collectors: CollectorsConfig::default(),
+        }
+    }
+}
+
+/// One monitored PostgreSQL server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// Becomes the `target` label of every series from this server.
+    pub name: String,
+    /// libpq connection string or URL. The database named here is the one cluster-wide
+    /// collectors use.
+    pub dsn: Dsn,
+    /// File holding the password (first line); overrides a password in the DSN.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Extra labels put on every series of this target.
+    #[serde(default)]
+    pub labels: BTreeMap<LabelName, String>,
+    /// Which databases `scope: database` collectors visit.
+    #[serde(default)]
+    pub databases: DatabaseFilter,
+}
+
+/// A parsed connection string. Its `Debug` never shows the password.
+#[derive(Clone)]
+pub struct Dsn(pub tokio_postgres::Config);
+
+impl std::fmt::Debug for Dsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&describe(&self.0))
+    }
+}
+
+impl FromStr for Dsn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        tokio_postgres::Config::from_str(s).map(Dsn).map_err(|e| {
+            match std::error::Error::source(&e) {
+                Some(cause) => format!("invalid connection string: {cause}"),
+                None => format!("{e}"),
+            }
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Dsn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_str_de(d)
+    }
+}
+
+/// `host:port/dbname user=…` for logs: never the password.
+pub fn describe(config: &tokio_postgres::Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = config.get_dbname().unwrap_or("postgres");
+    match config.get_user() {
+        Some(user) => format!("{host}:{port}/{db} user={user}"),
+        None => format!("{host}:{port}/{db}"),
+    }
+}
+
+/// Include/exclude regexes over database names, for `scope: database` collectors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseFilter {
+    #[serde(default = "default_include")]
+    pub include: Vec<Pattern>,
+    #[serde(default = "default_exclude")]
+    pub exclude: Vec<Pattern>,
+}
+
+fn default_include() -> Vec<Pattern> {
+    vec![Pattern(regex::Regex::new(".*").expect("constant regex"))]
+}
+
+fn default_exclude() -> Vec<Pattern> {
+    vec![Pattern(
+        regex::Regex::new("^template").expect("constant regex"),
+    )]
+}
+
+impl Default for DatabaseFilter {
+    fn default() -> Self {
+        DatabaseFilter {
+            include: default_include(),
+            exclude: default_exclude(),
+        }
+    }
+}
+
+impl DatabaseFilter {
+    pub fn matches(&self, datname: &str) -> bool {
+        self.include.iter().any(|p| p.0.is_match(datname))
+            && !self.exclude.iter().any(|p| p.0.is_match(datname))
+    }
+}
+
+/// The `collectors:` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorsConfig {
+    /// Directories (or single files) with extra packs, added to the built-in ones.
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    /// Collector names not to run.
+    #[serde(default)]
+    pub disable: Vec<String>,
+    #[serde(default)]
+    pub defaults: CollectorDefaults,
+}
+
+/// Used by collectors that do not set their own.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorDefaults {
+    #[serde(default = "default_interval")]
+    pub interval: Interval,
+    /// Becomes the session's `statement_timeout` for each query.
+    #[serde(default = "default_timeout")]
+    pub timeout: Interval,
+    /// Becomes `lock_timeout`: a collector never queues behind an exclusive lock for long.
+    #[serde(default = "default_lock_timeout")]
+    pub lock_timeout: Interval,
+}
+
+fn default_interval() -> Interval {
+    Interval::from_secs(15)
+}
+fn default_timeout() -> Interval {
+    Interval::from_secs(5)
+}
+fn default_lock_timeout() -> Interval {
+    Interval::from_secs(1)
+}
+
+impl Default for CollectorDefaults {
+    fn default() -> Self {
+        CollectorDefaults {
+            interval: default_interval(),
+            timeout: default_timeout(),
+            lock_timeout: default_lock_timeout(),
+        }
+    }
+}
+
+/// A target ready to connect to: password resolved, labels in order.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub pg: Dsn,
+    /// `target` first, then the configured labels.
+    pub labels: Vec<(String, String)>,
+    pub databases: DatabaseFilter,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses config text; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        // An empty file is a valid, all-defaults config.
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            yaml::parse(path, text)?
+        };
+        config.check(path, text)?;
+        Ok(config)
+    }
+
+    /// Checks that span several fields, located in the source text.
+    fn check(&self, path: &Path, text: &str) -> Result<(), YamlError> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let at = yaml::locate(text, "name", &t.name);
+            if t.name.is_empty() {
+                return Err(YamlError::at(
+                    path,
+                    at,
+                    format!("targets[{i}].name: must not be empty"),
+                ));
+            }
+            if !seen.insert(&t.name) {
+                return Err(YamlError::at(
+                    path,
+                    at,
+                    format!(
+                        "targets[{i}].name: duplicate target name {:?}; names must be unique",
+                        t.name
+                    ),
+                ));
+            }
+            if t.labels.keys().any(|k| k.0 == "target") {
+                return Err(YamlError::at(
+                    path,
+                    yaml::locate(text, "target", ""),
+                    format!(
+                        "targets[{i}].labels: `target` is set by pgvigil and cannot be overridden"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Environment overrides for the common settings: `PGVIGIL_LISTEN`, and when the file
+    /// names no target, one target from `DATA_SOURCE_NAME` or the libpq `PG*` variables.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(listen) = env("PGVIGIL_LISTEN") {
+            self.listen = listen
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("PGVIGIL_LISTEN={listen:?}: {e}")))?;
+        }
+        if self.targets.is_empty() {
+            self.targets.push(target_from_env(env)?);
+        }
+        Ok(())
+    }
+
+    /// Resolves passwords and labels of every target.
+    pub fn resolve_targets(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<Target>, ConfigError> {
+        self.targets
+            .iter()
+            .map(|t| {
+                let mut pg = t.dsn.0.clone();
+                if let Some(file) = &t.password_file {
+                    let text =
+                        std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+                            path: file.clone(),
+                            source,
+                        })?;
+                    pg.password(text.lines().next().unwrap_or(""));
+                } else if pg.get_password().is_none() {
+                    if let Some(pw) = env("PGPASSWORD") {
+                        pg.password(pw);
+                    }
+                }
+                if pg.get_application_name().is_none() {
+                    pg.application_name("pgvigil");
+                }
+                let mut labels = vec![("target".to_string(), t.name.clone())];
+                labels.extend(t.labels.iter().map(|(k, v)| (k.0.clone(), v.clone())));
+                Ok(Target {
+                    name: t.name.clone(),
+                    pg: Dsn(pg),
+                    labels,
+                    databases: t.databases.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// One target from `DATA_SOURCE_NAME`, else from `PGHOST`, `PGPORT`, `PGUSER`,
+/// `PGDATABASE`, `PGSSLMODE`, `PGAPPNAME` (libpq's defaults for the rest).
+fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig, ConfigError> {
+    let dsn = match env("DATA_SOURCE_NAME") {
+        Some(s) => s
+            .parse::<Dsn>()
+            .map_err(|e| ConfigError::Invalid(format!("DATA_SOURCE_NAME: {e}")))?,
+        None => {
+            let mut pg = tokio_postgres::Config::new();
+            let host = env("PGHOST").unwrap_or_else(|| "localhost".into());
+            for h in host.split(',') {
+                pg.host(h);
+            }
+            let port = env("PGPORT").unwrap_or_else(|| "5432".into());
+            pg.port(
+                port.parse()
+                    .map_err(|e| ConfigError::Invalid(format!("PGPORT={port:?}: {e}")))?,
+            );
+            let user = env("PGUSER")
+                .or_else(|| env("USER"))
+                .unwrap_or_else(|| "postgres".into());
+            pg.user(&user);
+            pg.dbname(env("PGDATABASE").unwrap_or(user));
+            if let Some(app) = env("PGAPPNAME") {
+                pg.application_name(app);
+            }
+            if let Some(mode) = env("PGSSLMODE") {
+                pg.ssl_mode(match mode.as_str() {
+                    "disable" => tokio_postgres::config::SslMode::Disable,
+                    "require" | "verify-ca" | "verify-full" => {
+                        tokio_postgres::config::SslMode::Require
+                    }
+                    _ => tokio_postgres::config::SslMode::Prefer,
+                });
+            }
+            Dsn(pg)
+        }
+    };
+    let name = {
+        let full = describe(&dsn.0);
+        full.split('/').next().unwrap_or("default").to_string()
+    };
+    Ok(TargetConfig {
+        name,
+        dsn,
+        password_file: None,
+        labels: BTreeMap::new(),
+        databases: DatabaseFilter::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("pgvigil.yaml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            "listen: 127.0.0.1:9999\ntargets:\n  - name: db1\n    dsn: postgresql://u@h:5433/app\n    labels: {region: eu}\n    databases: {include: [\"^app\"]}\ncollectors:\n  disable: [x]\n  defaults: {interval: 30s}\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.targets[0].name, "db1");
+        assert!(c.targets[0].databases.matches("app1"));
+        assert!(!c.targets[0].databases.matches("postgres"));
+        assert_eq!(c.collectors.defaults.interval, Interval::from_secs(30));
+        assert_eq!(c.collectors.defaults.timeout, Interval::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = parse("targets:\n  - name: a\n    dsn: \"host=h port=notaport\"\n").unwrap_err();
+        assert!(e.starts_with("pgvigil.yaml:3:"), "{e}");
+        assert!(e.contains("targets[0].dsn"), "{e}");
+        assert!(e.contains("invalid connection string"), "{e}");
+
+        let e = parse("listen: 127.0.0.1:1\nbogus: 1\n").unwrap_err();
+        assert!(e.starts_with("pgvigil.yaml:2:"), "{e}");
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+
+        let e = parse("collectors:\n  defaults:\n    interval: soon\n").unwrap_err();
+        assert!(e.starts_with("pgvigil.yaml:3:"), "{e}");
+        assert!(e.contains("collectors.defaults.interval"), "{e}");
+
+        let e = parse("targets:\n  - name: a\n    dsn: host=a\n  - name: a\n    dsn: host=b\n")
+            .unwrap_err();
+        assert!(e.contains("duplicate target name"), "{e}");
+    }
+
+    #[test]
+    fn default_databases_skip_templates() {
+        let f = DatabaseFilter::default();
+        assert!(f.matches("postgres"));
+        assert!(!f.matches("template1"));
+    }
+
+    #[test]
+    fn env_target_and_password_never_in_description() {
+        let env = |k: &str| match k {
+            "DATA_SOURCE_NAME" => Some("postgresql://u:secret@db:6432/app".to_string()),
+            _ => None,
+        };
+        let mut c = Config::default();
+        c.apply_env(&env).unwrap();
+        assert_eq!(c.targets[0].name, "db:6432");
+        let shown = format!("{:?}", c.targets[0].dsn);
+        assert!(!shown.contains("secret"), "{shown}");
+        let t = c.resolve_targets(&env).unwrap();
+        assert_eq!(t[0].pg.0.get_password(), Some(&b"secret"[..]));
+        assert_eq!(t[0].labels[0], ("target".into(), "db:6432".into()));
+    }
+}

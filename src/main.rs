@@ -1,0 +1,178 @@
+//! The `pgvigil` command line: parses arguments, sets up logging, calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use pgvigil::collector::pack::Catalog;
+use pgvigil::config::Config;
+
+/// PostgreSQL observability exporter: YAML collector packs polled in the background,
+/// served to Prometheus on /metrics.
+#[derive(Parser, Debug)]
+#[command(name = "pgvigil", version, about, long_about = None)]
+struct Cli {
+    /// Config file (YAML). Without one, a single target comes from DATA_SOURCE_NAME or the
+    /// libpq PG* variables (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE).
+    #[arg(long, short = 'c', global = true, env = "PGVIGIL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to serve /metrics on (overrides `listen` in the config; default 127.0.0.1:9187).
+    #[arg(long, global = true, env = "PGVIGIL_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate the config and all collector packs, and print the resolved plan
+    /// (targets, collectors, intervals, the SQL variant per server version).
+    CheckConfig {
+        /// Config file to check (default: --config, or the environment-only setup).
+        file: Option<PathBuf>,
+    },
+    /// Poll every collector once and print the metrics text (for debugging a pack).
+    Once,
+    /// Start a throwaway local PostgreSQL with a small workload and serve its metrics.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgvigil: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGVIGIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(
+    path: Option<&PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<Config, String> {
+    let mut config = match path {
+        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    config
+        .apply_env(&pgvigil::process_env)
+        .map_err(|e| e.to_string())?;
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    Ok(config)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn real_main(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        None => {
+            let config = load_config(cli.config.as_ref(), cli.listen)?;
+            runtime()?
+                .block_on(pgvigil::run(config, shutdown_signal(), |_| {}))
+                .map_err(|e| e.to_string())
+        }
+        Some(Command::CheckConfig { file }) => {
+            let config = load_config(file.as_ref().or(cli.config.as_ref()), cli.listen)?;
+            let catalog = Catalog::load(&config.collectors).map_err(|e| e.to_string())?;
+            config
+                .resolve_targets(&pgvigil::process_env)
+                .map_err(|e| e.to_string())?;
+            print!("{}", pgvigil::collector::plan_text(&config, &catalog));
+            println!("config OK");
+            Ok(())
+        }
+        Some(Command::Once) => {
+            let config = load_config(cli.config.as_ref(), cli.listen)?;
+            let text = runtime()?
+                .block_on(pgvigil::once(&config))
+                .map_err(|e| e.to_string())?;
+            print!("{text}");
+            Ok(())
+        }
+        Some(Command::Demo) => demo(cli.listen),
+    }
+}
+
+fn demo(listen: Option<std::net::SocketAddr>) -> Result<(), String> {
+    eprintln!("pgvigil demo: starting a throwaway PostgreSQL server...");
+    let demo = pgvigil::demo::Demo::start().map_err(|e| e.to_string())?;
+    let mut config = Config::default();
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    let dsn = demo.dsn();
+    config.targets.push(pgvigil::config::TargetConfig {
+        name: "demo".into(),
+        dsn: dsn.parse().map_err(|e: String| e)?,
+        password_file: None,
+        labels: Default::default(),
+        databases: Default::default(),
+    });
+    eprintln!(
+        "pgvigil demo: PostgreSQL {} on 127.0.0.1:{} (data in {}); monitoring as role {}",
+        demo.cluster.major_version(),
+        demo.cluster.port(),
+        demo.cluster.data_dir().display(),
+        pgvigil::demo::DEMO_ROLE
+    );
+    let result = runtime()?.block_on(pgvigil::run(config, shutdown_signal(), |addr| {
+        eprintln!(
+            "pgvigil demo: metrics at http://{addr}/metrics  (Ctrl-C stops and deletes everything)"
+        );
+    }));
+    drop(demo);
+    eprintln!("pgvigil demo: stopped and cleaned up");
+    result.map_err(|e| e.to_string())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,212 @@
+//! Row values → sample values and label strings.
+//!
+//! A metric value may be any numeric SQL type, boolean (1/0), interval (seconds) or a
+//! timestamp (Unix seconds); NULL means "no sample". Labels are text; NULL becomes "".
+//! Binary formats: <https://github.com/postgres/postgres/blob/master/src/backend/utils/adt/numeric.c>
+//! (`numeric_send`), `interval_send`, `timestamp_send`.
+
+use std::error::Error;
+
+use tokio_postgres::types::{FromSql, Type};
+
+type BoxError = Box<dyn Error + Sync + Send>;
+
+/// A sample value read from a column; `None` for SQL NULL.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SqlNumber(pub Option<f64>);
+
+/// Unix epoch minus PostgreSQL's epoch (2000-01-01), in seconds.
+const PG_EPOCH_OFFSET: f64 = 946_684_800.0;
+
+fn be_i16(b: &[u8], at: usize) -> Result<i16, BoxError> {
+    b.get(at..at + 2)
+        .map(|s| i16::from_be_bytes([s[0], s[1]]))
+        .ok_or_else(|| "truncated value".into())
+}
+
+fn be_i32(b: &[u8], at: usize) -> Result<i32, BoxError> {
+    b.get(at..at + 4)
+        .and_then(|s| s.try_into().ok())
+        .map(i32::from_be_bytes)
+        .ok_or_else(|| "truncated value".into())
+}
+
+fn be_i64(b: &[u8], at: usize) -> Result<i64, BoxError> {
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map(i64::from_be_bytes)
+        .ok_or_else(|| "truncated value".into())
+}
+
+/// Decodes PostgreSQL's binary `numeric` (base-10000 digits) to f64.
+pub fn numeric_to_f64(raw: &[u8]) -> Result<f64, BoxError> {
+    let ndigits = be_i16(raw, 0)?;
+    let weight = be_i16(raw, 2)?;
+    let sign = be_i16(raw, 4)? as u16;
+    match sign {
+        0xC000 => return Ok(f64::NAN),
+        0xD000 => return Ok(f64::INFINITY),
+        0xF000 => return Ok(f64::NEG_INFINITY),
+        _ => {}
+    }
+    let mut value = 0.0f64;
+    for i in 0..ndigits.max(0) as usize {
+        let digit = be_i16(raw, 8 + 2 * i)? as f64;
+        value += digit * 10_000f64.powi(weight as i32 - i as i32);
+    }
+    Ok(if sign == 0x4000 { -value } else { value })
+}
+
+impl<'a> FromSql<'a> for SqlNumber {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        let v = match *ty {
+            Type::BOOL => match raw.first() {
+                Some(0) => 0.0,
+                Some(_) => 1.0,
+                None => return Err("truncated bool".into()),
+            },
+            Type::INT2 => be_i16(raw, 0)? as f64,
+            Type::INT4 => be_i32(raw, 0)? as f64,
+            Type::OID | Type::XID => be_i32(raw, 0)? as u32 as f64,
+            Type::INT8 => be_i64(raw, 0)? as f64,
+            Type::FLOAT4 => f32::from_sql(ty, raw)? as f64,
+            Type::FLOAT8 => f64::from_sql(ty, raw)?,
+            Type::NUMERIC => numeric_to_f64(raw)?,
+            Type::INTERVAL => {
+                let micros = be_i64(raw, 0)? as f64;
+                let days = be_i32(raw, 8)? as f64;
+                let months = be_i32(raw, 12)? as f64;
+                micros / 1e6 + days * 86_400.0 + months * 30.0 * 86_400.0
+            }
+            Type::TIMESTAMP | Type::TIMESTAMPTZ => be_i64(raw, 0)? as f64 / 1e6 + PG_EPOCH_OFFSET,
+            _ => {
+                // Text that holds a number (e.g. current_setting()) is accepted too.
+                let text = std::str::from_utf8(raw)?;
+                text.trim().parse::<f64>().map_err(|_| {
+                    format!("type {ty} is not a number; cast the column to a numeric type")
+                })?
+            }
+        };
+        Ok(SqlNumber(Some(v)))
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, BoxError> {
+        Ok(SqlNumber(None))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(
+            *ty,
+            Type::BOOL
+                | Type::INT2
+                | Type::INT4
+                | Type::INT8
+                | Type::OID
+                | Type::XID
+                | Type::FLOAT4
+                | Type::FLOAT8
+                | Type::NUMERIC
+                | Type::INTERVAL
+                | Type::TIMESTAMP
+                | Type::TIMESTAMPTZ
+                | Type::TEXT
+                | Type::VARCHAR
+                | Type::NAME
+                | Type::BPCHAR
+                | Type::UNKNOWN
+        )
+    }
+}
+
+/// A label value read from a column; NULL becomes "".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlLabel(pub String);
+
+impl<'a> FromSql<'a> for SqlLabel {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        let s = match *ty {
+            Type::BOOL => (raw.first().copied().unwrap_or(0) != 0).to_string(),
+            Type::INT2 => be_i16(raw, 0)?.to_string(),
+            Type::INT4 => be_i32(raw, 0)?.to_string(),
+            Type::OID | Type::XID => (be_i32(raw, 0)? as u32).to_string(),
+            Type::INT8 => be_i64(raw, 0)?.to_string(),
+            Type::FLOAT4 | Type::FLOAT8 | Type::NUMERIC => {
+                let v = SqlNumber::from_sql(ty, raw)?.0.unwrap_or(f64::NAN);
+                v.to_string()
+            }
+            _ => String::from_utf8_lossy(raw).into_owned(),
+        };
+        Ok(SqlLabel(s))
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, BoxError> {
+        Ok(SqlLabel(String::new()))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(
+            *ty,
+            Type::BOOL
+                | Type::INT2
+                | Type::INT4
+                | Type::INT8
+                | Type::OID
+                | Type::XID
+                | Type::FLOAT4
+                | Type::FLOAT8
+                | Type::NUMERIC
+                | Type::TEXT
+                | Type::VARCHAR
+                | Type::NAME
+                | Type::BPCHAR
+                | Type::CHAR
+                | Type::UNKNOWN
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numeric(ndigits: i16, weight: i16, sign: u16, digits: &[i16]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&ndigits.to_be_bytes());
+        v.extend_from_slice(&weight.to_be_bytes());
+        v.extend_from_slice(&sign.to_be_bytes());
+        v.extend_from_slice(&0u16.to_be_bytes());
+        for d in digits {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn numeric_binary() {
+        // 12345.678 = [1, 2345, 6780] weight 1
+        let raw = numeric(3, 1, 0, &[1, 2345, 6780]);
+        assert!((numeric_to_f64(&raw).unwrap() - 12345.678).abs() < 1e-9);
+        let neg = numeric(1, -1, 0x4000, &[5000]);
+        assert_eq!(numeric_to_f64(&neg).unwrap(), -0.5);
+        assert_eq!(numeric_to_f64(&numeric(0, 0, 0, &[])).unwrap(), 0.0);
+        assert!(numeric_to_f64(&numeric(0, 0, 0xC000, &[]))
+            .unwrap()
+            .is_nan());
+        assert!(numeric_to_f64(&[0, 3]).is_err());
+    }
+
+    #[test]
+    fn interval_and_bool() {
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&1_500_000i64.to_be_bytes());
+        raw.extend_from_slice(&1i32.to_be_bytes());
+        raw.extend_from_slice(&0i32.to_be_bytes());
+        assert_eq!(
+            SqlNumber::from_sql(&Type::INTERVAL, &raw).unwrap().0,
+            Some(86_401.5)
+        );
+        assert_eq!(SqlNumber::from_sql(&Type::BOOL, &[1]).unwrap().0, Some(1.0));
+        assert_eq!(SqlNumber::from_sql_null(&Type::INT8).unwrap().0, None);
+        assert!(SqlNumber::from_sql(&Type::TEXT, b"abc").is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! The snapshot store: the latest result of every (target, collector, database), plus each
+//! target's health. Pollers replace whole snapshots; `/metrics` reads them. Nothing here
+//! touches PostgreSQL, and no lock is held across an `.await` or while encoding.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::collector::pack::MetricType;
+use crate::postgres::ErrorKind;
+
+/// One sample: its labels (target labels first) and value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub labels: Vec<(Arc<str>, String)>,
+    pub value: f64,
+}
+
+/// A metric family as read in one poll.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Family {
+    pub name: Arc<str>,
+    pub help: Arc<str>,
+    pub kind: MetricType,
+    pub samples: Vec<Sample>,
+}
+
+/// Everything one collector produced in one poll of one database.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub families: Vec<Family>,
+}
+
+/// `(target, collector, database)`; database is "" for cluster-scope collectors.
+pub type Key = (String, String, String);
+
+/// How a collector is doing on a target: the self-metrics.
+#[derive(Debug, Clone, Default)]
+pub struct CollectorHealth {
+    pub last_duration: Option<Duration>,
+    pub errors: BTreeMap<ErrorKind, u64>,
+    pub last_success: Option<SystemTime>,
+}
+
+/// A target's labels and health.
+#[derive(Debug, Clone, Default)]
+pub struct TargetHealth {
+    pub labels: Vec<(Arc<str>, String)>,
+    /// `pg_up`: the last connection attempt (or use) on the target's own database worked.
+    pub up: bool,
+    /// Every collector has finished a first run, or the target was found unreachable.
+    pub ready: bool,
+    pub collectors: BTreeMap<String, CollectorHealth>,
+}
+
+/// Shared between pollers (writers) and the HTTP server (reader).
+#[derive(Debug, Default)]
+pub struct Store {
+    /// Replaced whole per key, so a reader sees one poll's result or the next, never a mix.
+    snapshots: RwLock<BTreeMap<Key, Arc<Snapshot>>>,
+    /// Per target; a `Mutex` because updates are tiny and never cross an `.await`.
+    targets: Mutex<BTreeMap<String, TargetHealth>>,
+    /// Bumped on every change, so the HTTP layer can reuse an encoded body.
+    generation: AtomicU64,
+}
+
+impl Store {
+    pub fn new() -> Arc<Store> {
+        Arc::new(Store::default())
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Registers a target before its first poll (so `/readyz` waits for it).
+    pub fn add_target(&self, name: &str, labels: Vec<(Arc<str>, String)>) {
+        let mut t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        t.insert(
+            name.to_string(),
+            TargetHealth {
+                labels,
+                ..TargetHealth::default()
+            },
+        );
+        drop(t);
+        self.bump();
+    }
+
+    pub fn put(&self, key: Key, snapshot: Snapshot) {
+        let mut s = self.snapshots.write().unwrap_or_else(|e| e.into_inner());
+        s.insert(key, Arc::new(snapshot));
+        drop(s);
+        self.bump();
+    }
+
+    /// Drops every snapshot of a target's collector whose database is not in `keep`
+    /// (a database that was dropped or filtered out).
+    pub fn retain_databases(&self, target: &str, collector: &str, keep: &[String]) {
+        let mut s = self.snapshots.write().unwrap_or_else(|e| e.into_inner());
+        s.retain(|(t, c, db), _| t != target || c != collector || keep.contains(db));
+        drop(s);
+        self.bump();
+    }
+
+    pub fn remove(&self, key: &Key) {
+        let mut s = self.snapshots.write().unwrap_or_else(|e| e.into_inner());
+        s.remove(key);
+        drop(s);
+        self.bump();
+    }
+
+    /// The current snapshots, cheap to take (Arc clones) and read without any lock.
+    pub fn snapshots(&self) -> Vec<Arc<Snapshot>> {
+        let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
+        s.values().cloned().collect()
+    }
+
+    pub fn get(&self, key: &Key) -> Option<Arc<Snapshot>> {
+        let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
+        s.get(key).cloned()
+    }
+
+    /// Applies `f` to a target's health record.
+    pub fn update_target(&self, target: &str, f: impl FnOnce(&mut TargetHealth)) {
+        let mut t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = t.get_mut(target) {
+            f(h);
+        }
+        drop(t);
+        self.bump();
+    }
+
+    pub fn targets(&self) -> BTreeMap<String, TargetHealth> {
+        self.targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every target is ready (see [`TargetHealth::ready`]).
+    pub fn ready(&self) -> bool {
+        let t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        !t.is_empty() && t.values().all(|h| h.ready)
+    }
+
+    /// The self-metrics as families, built fresh for each scrape.
+    pub fn self_metrics(&self) -> Vec<Family> {
+        let targets = self.targets();
+        let mut up = family(
+            "pg_up",
+            "1 if the target's database answered the last connection attempt, else 0.",
+            MetricType::Gauge,
+        );
+        let mut duration = family(
+            "pgvigil_collector_duration_seconds",
+            "How long the collector's last run took.",
+            MetricType::Gauge,
+        );
+        let mut errors = family(
+            "pgvigil_collector_errors_total",
+            "Collector runs that failed, by kind (connect, query, timeout, decode, permission, missing_extension).",
+            MetricType::Counter,
+        );
+        let mut success = family(
+            "pgvigil_collector_last_success_timestamp_seconds",
+            "When the collector last finished without error (Unix time).",
+            MetricType::Gauge,
+        );
+        for h in targets.values() {
+            up.samples.push(Sample {
+                labels: h.labels.clone(),
+                value: if h.up { 1.0 } else { 0.0 },
+            });
+            for (name, c) in &h.collectors {
+                let mut labels = h.labels.clone();
+                labels.push((Arc::from("collector"), name.clone()));
+                if let Some(d) = c.last_duration {
+                    duration.samples.push(Sample {
+                        labels: labels.clone(),
+                        value: d.as_secs_f64(),
+                    });
+                }
+                for (kind, n) in &c.errors {
+                    let mut l = labels.clone();
+                    l.push((Arc::from("kind"), kind.as_str().to_string()));
+                    errors.samples.push(Sample {
+                        labels: l,
+                        value: *n as f64,
+                    });
+                }
+                if let Some(t) = c.last_success {
+                    success.samples.push(Sample {
+                        labels,
+                        value: unix_seconds(t),
+                    });
+                }
+            }
+        }
+        let mut build = family("pgvigil_build_info", "pgvigil's version.", MetricType::Info);
+        build.samples.push(Sample {
+            labels: vec![(Arc::from("version"), env!("CARGO_PKG_VERSION").to_string())],
+            value: 1.0,
+        });
+        vec![up, duration, errors, success, build]
+    }
+}
+
+fn family(name: &str, help: &str, kind: MetricType) -> Family {
+    Family {
+        name: Arc::from(name),
+        help: Arc::from(help),
+        kind,
+        samples: Vec::new(),
+    }
+}
+
+pub fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

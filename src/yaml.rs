@@ -1,0 +1,121 @@
+//! Loading YAML documents (the config file and collector packs) into typed values.
+//!
+//! Owns one thing: turning a YAML parse or type error into a [`YamlError`] that names the
+//! file, line, column and field, as in `pgvigil.yaml:12:5: targets[0].dsn: invalid …`.
+//! Semantic checks live in the `Deserialize` impls of the types themselves (parse, don't
+//! validate), so their errors get the same location for free.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+/// A problem in a YAML file, located as precisely as the parser allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct YamlError {
+    pub file: PathBuf,
+    /// 1-based; 0 when unknown.
+    pub line: usize,
+    /// 1-based; 0 when unknown.
+    pub column: usize,
+    /// The field path (`targets[0].dsn`) followed by the message.
+    pub message: String,
+}
+
+impl YamlError {
+    /// An error found after parsing, located by [`locate`].
+    pub fn at(file: &Path, (line, column): (usize, usize), message: impl Into<String>) -> Self {
+        YamlError {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for YamlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for YamlError {}
+
+/// Parses `text` (read from `file`) into `T`.
+pub fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, YamlError> {
+    serde_yaml_ng::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        YamlError {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message: strip_location(&e.to_string()),
+        }
+    })
+}
+
+/// serde_yaml_ng appends " at line N column M" to its messages; we print the location first.
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) if message[i..].contains(" column ") => message[..i].to_string(),
+        _ => message.to_string(),
+    }
+}
+
+/// Finds the line and column of `key: value` in `text` (first match at or after line
+/// `after`), for errors that are only detectable across documents, such as a metric name
+/// defined in two packs. Falls back to (0, 0), which prints as "file: message".
+pub fn locate(text: &str, key: &str, value: &str) -> (usize, usize) {
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start().trim_start_matches("- ").trim_start();
+        let Some(rest) = trimmed.strip_prefix(key) else {
+            continue;
+        };
+        let Some(rest) = rest.trim_start().strip_prefix(':') else {
+            continue;
+        };
+        let found = rest.trim().trim_matches(|c| c == '"' || c == '\'');
+        if found == value {
+            let column = line.len() - trimmed.len() + 1;
+            return (i + 1, column);
+        }
+    }
+    (0, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_trailing_location() {
+        assert_eq!(
+            strip_location("targets[0].dsn: bad at line 3 column 5"),
+            "targets[0].dsn: bad"
+        );
+        assert_eq!(strip_location("no location"), "no location");
+    }
+
+    #[test]
+    fn locate_finds_list_items_and_quoted_values() {
+        let text = "collectors:\n  - name: a\n    metrics:\n      - name: \"pg_x\"\n";
+        assert_eq!(locate(text, "name", "pg_x"), (4, 9));
+        assert_eq!(locate(text, "name", "a"), (2, 5));
+        assert_eq!(locate(text, "name", "zzz"), (0, 0));
+    }
+}
