@@ -32,8 +32,9 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -253,6 +254,9 @@ pub struct TempCluster {
     port: u16,
     major_version: u32,
     runner: Runner,
+    /// Cleans up if this process dies without running `Drop` (see
+    /// [`TempCluster::spawn_watchdog`]); `None` if it could not be started.
+    watchdog: Option<Child>,
 }
 
 impl TempCluster {
@@ -301,8 +305,10 @@ impl TempCluster {
             port: 0,
             major_version: 0,
             runner,
+            watchdog: None,
         };
         // From here on `cluster`'s Drop cleans up on every early return.
+        cluster.watchdog = cluster.spawn_watchdog();
 
         if let Some(user) = &cluster.runner.as_user {
             let mut chown = Command::new(system_tool("chown"));
@@ -583,6 +589,36 @@ impl TempCluster {
         })
     }
 
+    /// Starts the watchdog (see [`WATCHDOG_SCRIPT`]) in its own process group
+    /// so that signals aimed at our group (Ctrl-C, `timeout`, test runners)
+    /// do not take it down with us.
+    fn spawn_watchdog(&self) -> Option<Child> {
+        let sh = find_system_tool("sh").unwrap_or_else(|| PathBuf::from("/bin/sh"));
+        let mut cmd = Command::new(sh);
+        self.runner.apply_env(&mut cmd);
+        cmd.arg("-c")
+            .arg(WATCHDOG_SCRIPT)
+            .arg("pgvigil-cluster-watchdog")
+            .arg(&self.data_dir)
+            .arg(&self.root);
+        if let Some(user) = &self.runner.as_user {
+            cmd.arg(system_tool("runuser")).args(["-u", user, "--"]);
+        }
+        cmd.arg(self.bindir.join("pg_ctl"))
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        match cmd.spawn() {
+            Ok(child) => Some(child),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start the cluster watchdog; a crash may leak the server");
+                None
+            }
+        }
+    }
+
     /// Best-effort immediate shutdown for `Drop`; never panics.
     fn shutdown_immediately(&self) {
         let pid_file = self.data_dir.join("postmaster.pid");
@@ -636,8 +672,33 @@ impl Drop for TempCluster {
                 tracing::warn!(dir = %self.root.display(), error = %e, "could not remove temp cluster dir");
             }
         }
+        if let Some(mut watchdog) = self.watchdog.take() {
+            // EOF wakes it; with nothing left to clean up it exits at once.
+            drop(watchdog.stdin.take());
+            for _ in 0..100 {
+                if !matches!(watchdog.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 }
+
+/// Script of the watchdog process: blocks until its stdin (a pipe whose only
+/// writer is this process) reaches EOF, i.e. until the cluster is dropped or
+/// this process dies in any way (panic=abort, SIGKILL, a test-runner
+/// timeout, a static cluster never dropped); then stops the server on our data
+/// directory with pg_ctl and deletes our temp directory.
+/// Arguments: data dir, temp dir, then the pg_ctl command (maybe via runuser).
+const WATCHDOG_SCRIPT: &str = r#"trap '' HUP INT TERM
+data=$1; root=$2; shift 2
+read -r _ignored
+if [ -f "$data/postmaster.pid" ]; then
+    "$@" -D "$data" -m immediate -w -t 30 stop >/dev/null 2>&1
+fi
+rm -rf -- "$root"
+"#;
 
 /// Why one `pg_ctl start` failed.
 struct StartFailure {

@@ -32,6 +32,7 @@ pub mod postgres;
 pub mod sql;
 
 pub mod store;
+pub mod window;
 pub mod yaml;
 
 use std::sync::Arc;

@@ -1,0 +1,220 @@
+//! The one harness for integration tests: a throwaway PostgreSQL (the same code as
+//! `pgvigil demo`), pgvigil running in-process on a free port, and scraping helpers.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub use pgvigil::cluster::{ClusterOptions, TempCluster};
+use pgvigil::config::Config;
+
+/// Starts a cluster with pg_stat_statements preloaded (and `extra` settings).
+pub fn cluster(extra: &[(&str, &str)]) -> TempCluster {
+    let mut opts = ClusterOptions::default();
+    for (k, v) in extra {
+        opts = opts.with_setting(*k, *v);
+    }
+    TempCluster::start(opts).expect("start a throwaway PostgreSQL")
+}
+
+/// pgvigil running in the background of a test; stopped on drop.
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Parses a config text (written to a temp file so errors look real).
+pub fn config(yaml: &str) -> Config {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgvigil.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"))
+}
+
+/// Runs pgvigil with `config` (listen is forced to 127.0.0.1:0).
+pub fn start(mut config: Config) -> Running {
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let result = pgvigil::run(
+                config,
+                async {
+                    let _ = stop_rx.await;
+                },
+                |addr| {
+                    let _ = addr_tx.send(addr);
+                },
+            )
+            .await;
+            if let Err(e) = result {
+                panic!("pgvigil::run failed: {e}");
+            }
+        });
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("pgvigil started listening");
+    Running {
+        addr,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    }
+}
+
+/// A config for one target at `dsn`, polling every second, plus `extra` YAML lines.
+pub fn one_target(dsn: &str, extra: &str) -> String {
+    format!(
+        "targets:\n  - name: t1\n    dsn: \"{dsn}\"\n    labels: {{env: test}}\ncollectors:\n  defaults: {{interval: 1s, timeout: 5s}}\n{extra}"
+    )
+}
+
+pub fn get(url: &str) -> (u16, String) {
+    let client = reqwest::blocking::Client::new();
+    match client.get(url).timeout(Duration::from_secs(10)).send() {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().unwrap_or_default())
+        }
+        Err(e) => panic!("GET {url}: {e}"),
+    }
+}
+
+/// One sample of the text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses text format 0.0.4 (enough for tests: labels with escaped quotes).
+pub fn parse(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample line");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("value in {line}")),
+        };
+        let (name, labels) = match series.find('{') {
+            None => (series.to_string(), BTreeMap::new()),
+            Some(i) => (
+                series[..i].to_string(),
+                parse_labels(&series[i + 1..series.len() - 1]),
+            ),
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        assert_eq!(chars.next(), Some('"'));
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(c) => value.push(c),
+                    None => break,
+                },
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        out.insert(key.trim_start_matches(',').to_string(), value);
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    out
+}
+
+/// Samples of `name` whose labels include every `(k, v)` in `want`.
+pub fn find<'a>(samples: &'a [Sample], name: &str, want: &[(&str, &str)]) -> Vec<&'a Sample> {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            want.iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .collect()
+}
+
+/// The single value of `name` with labels `want`, if present.
+pub fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    let found = find(samples, name, want);
+    assert!(found.len() <= 1, "more than one {name} {want:?}: {found:?}");
+    found.first().map(|s| s.value)
+}
+
+/// Scrapes until `check` returns Some, or panics after `timeout` with the last scrape.
+pub fn wait_for<T>(
+    run: &Running,
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut(&[Sample]) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, body) = get(&run.url("/metrics"));
+        let samples = parse(&body);
+        if let Some(t) = check(&samples) {
+            return t;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}; last scrape:\n{body}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Writes `text` to `dir/name`.
+pub fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
