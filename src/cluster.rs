@@ -23,6 +23,12 @@
 //! Processes are only ever stopped through `pg_ctl` on our own data directory
 //! (or, as a last resort in `Drop`, by signalling the pid recorded in our own
 //! `postmaster.pid`); nothing is ever killed by name.
+//!
+//! Each cluster also has a small watchdog (`sh`, in its own process group)
+//! that waits for a pipe from this process to close. If this process dies
+//! without running `Drop` (SIGKILL, a test-runner timeout, `panic = "abort"`,
+//! a cluster kept in a `static`), the watchdog stops the server with `pg_ctl`
+//! and deletes the temp directory, so nothing leaks.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
@@ -268,7 +274,8 @@ impl TempCluster {
         let bindir = match opts.bindir {
             Some(dir) => {
                 check_bindir(&dir, "ClusterOptions::bindir")?;
-                dir
+                // Children run in the temp dir, so a relative path would break.
+                std::path::absolute(&dir).unwrap_or(dir)
             }
             None => find_bindir()?,
         };
@@ -457,9 +464,18 @@ impl TempCluster {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| io_err(format!("running {}", program.display()), e))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            let context = if e.kind() == io::ErrorKind::NotFound {
+                format!(
+                    "running psql (not in {} nor on PATH; install it with: \
+                     apt-get install postgresql-client)",
+                    self.bindir.display()
+                )
+            } else {
+                format!("running {}", program.display())
+            };
+            io_err(context, e)
+        })?;
         let stdin = child.stdin.take();
         let output = std::thread::scope(|scope| {
             // Feed stdin from a separate thread so a large result cannot
@@ -792,7 +808,7 @@ fn find_bindir_in(
     if let Some(dir) = env_bindir.filter(|v| !v.is_empty()) {
         let dir = PathBuf::from(dir);
         check_bindir(&dir, "$PGVIGIL_PG_BINDIR")?;
-        return Ok(dir);
+        return Ok(std::path::absolute(&dir).unwrap_or(dir));
     }
     // 2. PATH
     if let Some(path_var) = path_var {
@@ -806,7 +822,7 @@ fn find_bindir_in(
                 .ok()
                 .and_then(|p| p.parent().map(Path::to_path_buf))
                 .filter(|real| missing_binaries(real).is_empty());
-            return Ok(real.unwrap_or(dir));
+            return Ok(real.unwrap_or_else(|| std::path::absolute(&dir).unwrap_or(dir)));
         }
     }
     // 3. pg_config --bindir
@@ -1306,6 +1322,25 @@ mod tests {
         }
         let found = find_bindir_in(None, Some(OsString::new()), || None, root.path());
         assert_eq!(found.ok(), Some(root.path().join("16").join("bin")));
+    }
+
+    #[test]
+    fn path_symlinks_resolve_to_the_real_bindir() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let real = root.path().join("real").join("bin");
+        let links = root.path().join("links");
+        fs::create_dir_all(&real).expect("mkdir");
+        fs::create_dir_all(&links).expect("mkdir");
+        for name in REQUIRED_BINARIES {
+            let p = real.join(name);
+            fs::write(&p, "#!/bin/sh\n").expect("write");
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).expect("chmod");
+            std::os::unix::fs::symlink(&p, links.join(name)).expect("symlink");
+        }
+        let path = std::env::join_paths([root.path().join("empty"), links]).expect("join");
+        let found = find_bindir_in(None, Some(path), || None, root.path());
+        let real = fs::canonicalize(real).expect("canonicalize");
+        assert_eq!(found.ok(), Some(real));
     }
 
     #[test]

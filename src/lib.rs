@@ -29,7 +29,9 @@ pub mod demo;
 pub mod exposition;
 pub mod http;
 pub mod postgres;
+pub mod progress;
 pub mod sql;
+pub mod statements;
 
 pub mod store;
 pub mod window;
@@ -77,6 +79,7 @@ pub fn start_pollers(
             target,
             Arc::clone(&collectors),
             config.collectors.defaults,
+            config.statements,
             Arc::clone(&store),
         );
         p.spawn(shutdown.clone());
@@ -131,6 +134,7 @@ pub async fn once(config: &Config) -> Result<String, StartError> {
             target,
             Arc::clone(&collectors),
             config.collectors.defaults,
+            config.statements,
             Arc::clone(&store),
         );
         p.poll_all_once().await;

@@ -3,6 +3,7 @@
 
 pub mod pack;
 pub mod poller;
+pub mod processor;
 pub mod rows;
 
 use std::fmt::Write as _;

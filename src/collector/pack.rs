@@ -11,10 +11,24 @@ use crate::config::{CollectorsConfig, Interval, LabelName, MetricName};
 use crate::yaml::{self, YamlError};
 
 /// The packs shipped inside the binary: (file name, text).
-pub const BUILTIN_PACKS: &[(&str, &str)] = &[(
-    "queries/database.yaml",
-    include_str!("../../queries/database.yaml"),
-)];
+pub const BUILTIN_PACKS: &[(&str, &str)] = &[
+    (
+        "queries/database.yaml",
+        include_str!("../../queries/database.yaml"),
+    ),
+    (
+        "queries/statements.yaml",
+        include_str!("../../queries/statements.yaml"),
+    ),
+    (
+        "queries/locks.yaml",
+        include_str!("../../queries/locks.yaml"),
+    ),
+    (
+        "queries/indexes.yaml",
+        include_str!("../../queries/indexes.yaml"),
+    ),
+];
 
 /// Errors while loading packs.
 #[derive(Debug, thiserror::Error)]
@@ -72,9 +86,23 @@ pub struct CollectorDef {
     pub requires: Requires,
     pub queries: Variants,
     pub metrics: Metrics,
+    /// Rust post-processing for what SQL and YAML cannot express (window statistics,
+    /// top-N, estimates across polls). Built-in names only.
+    #[serde(default)]
+    pub processor: Option<ProcessorKind>,
     /// Which file this came from (for messages); set after parsing.
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// The named Rust processors a collector can hand its rows to (see `processor.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessorKind {
+    /// pg_stat_statements: window stats between polls, top-N with an `other` bucket.
+    Statements,
+    /// pg_stat_progress_create_index: progress ratio smoothing and ETA.
+    CreateIndexProgress,
 }
 
 fn default_scope() -> Scope {
@@ -304,6 +332,9 @@ pub struct MetricDef {
     pub labels: Vec<LabelName>,
     /// Fixed labels added to every sample.
     pub static_labels: BTreeMap<LabelName, String>,
+    /// A counter that pgvigil integrates over time: each poll adds the column's value times
+    /// the seconds since the previous poll (e.g. waiting backends → backend-seconds).
+    pub accumulate: bool,
 }
 
 #[derive(Deserialize)]
@@ -319,6 +350,8 @@ struct RawMetric {
     labels: Vec<LabelName>,
     #[serde(default)]
     static_labels: BTreeMap<LabelName, String>,
+    #[serde(default)]
+    accumulate: bool,
 }
 
 impl TryFrom<RawMetric> for MetricDef {
@@ -343,6 +376,16 @@ impl TryFrom<RawMetric> for MetricDef {
             }
             _ => {}
         }
+        if name == "pg_up" || name.starts_with("pgvigil_") {
+            return Err(format!(
+                "metric {name}: the name is reserved for pgvigil's own metrics"
+            ));
+        }
+        if r.accumulate && r.kind != MetricType::Counter {
+            return Err(format!(
+                "metric {name}: `accumulate` makes a counter; set `type: counter`"
+            ));
+        }
         if r.help.trim().is_empty() {
             return Err(format!("metric {name}: help must not be empty"));
         }
@@ -364,6 +407,7 @@ impl TryFrom<RawMetric> for MetricDef {
             value: r.value,
             labels: r.labels,
             static_labels: r.static_labels,
+            accumulate: r.accumulate,
         })
     }
 }
@@ -503,6 +547,15 @@ impl Catalog {
             .collect();
         // A metric name may come from one collector only: two would fight over the family.
         let mut owner: HashMap<&str, &CollectorDef> = HashMap::new();
+        for c in &collectors {
+            for extra in c
+                .processor
+                .map(super::processor::extra_metrics)
+                .unwrap_or(&[])
+            {
+                owner.insert(extra, c);
+            }
+        }
         for c in &collectors {
             for m in &c.metrics.0 {
                 if let Some(first) = owner.insert(&m.name.0, c) {

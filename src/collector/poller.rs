@@ -10,8 +10,9 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::collector::pack::{CollectorDef, Scope};
+use crate::collector::processor::{CollectorState, Context};
 use crate::collector::rows;
-use crate::config::{describe, CollectorDefaults, Target};
+use crate::config::{describe, CollectorDefaults, StatementsConfig, Target};
 use crate::postgres::{self, ErrorKind, PgError, ServerInfo};
 use crate::store::{Snapshot, Store};
 
@@ -49,6 +50,10 @@ pub struct TargetPoller {
     pending: Mutex<HashSet<String>>,
     log: Mutex<LogLimiter>,
     base_labels: Vec<(Arc<str>, String)>,
+    statements: StatementsConfig,
+    /// State kept between polls per (collector, database): accumulated counters and
+    /// processors. Locked only for the synchronous post-processing step.
+    states: Mutex<HashMap<(String, String), CollectorState>>,
 }
 
 impl TargetPoller {
@@ -56,6 +61,7 @@ impl TargetPoller {
         target: Target,
         collectors: Arc<Vec<CollectorDef>>,
         defaults: CollectorDefaults,
+        statements: StatementsConfig,
         store: Arc<Store>,
     ) -> Arc<TargetPoller> {
         let base_labels: Vec<(Arc<str>, String)> = target
@@ -75,6 +81,8 @@ impl TargetPoller {
             pending: Mutex::new(pending),
             log: Mutex::new(LogLimiter::default()),
             base_labels,
+            statements,
+            states: Mutex::new(HashMap::new()),
         })
     }
 
@@ -217,7 +225,20 @@ impl TargetPoller {
                 return Err(e);
             }
         };
+        drop(slot);
         let families = rows::to_families(def, &rows, &self.base_labels, db)?;
+        let ctx = Context {
+            base_labels: &self.base_labels,
+            database: db,
+            now: Instant::now(),
+            statements: self.statements,
+        };
+        let interval = def.interval.unwrap_or(self.defaults.interval).0;
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        let state = states
+            .entry((def.name.0.clone(), db.to_string()))
+            .or_default();
+        let families = state.apply(def, interval, &rows, families, &ctx)?;
         Ok(Some(Snapshot { families }))
     }
 

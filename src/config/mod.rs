@@ -45,6 +45,38 @@ pub struct Config {
     /// Which collector packs run, and their default interval and timeout.
     #[serde(default)]
     pub collectors: CollectorsConfig,
+    /// pg_stat_statements: cardinality bound and query text length.
+    #[serde(default)]
+    pub statements: StatementsConfig,
+}
+
+/// The `statements:` section.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StatementsConfig {
+    /// Per target, only this many queries (ranked by execution time in the last window)
+    /// get their own series; the rest are summed into `queryid="other"`.
+    #[serde(default = "default_top_n")]
+    pub top_n: usize,
+    /// `pg_stat_statements_query_info{query}` is cut to this many characters.
+    #[serde(default = "default_query_max_len")]
+    pub query_max_len: usize,
+}
+
+fn default_top_n() -> usize {
+    100
+}
+fn default_query_max_len() -> usize {
+    200
+}
+
+impl Default for StatementsConfig {
+    fn default() -> Self {
+        StatementsConfig {
+            top_n: default_top_n(),
+            query_max_len: default_query_max_len(),
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -57,6 +89,7 @@ impl Default for Config {
             listen: default_listen(),
             targets: Vec::new(),
             collectors: CollectorsConfig::default(),
+            statements: StatementsConfig::default(),
         }
     }
 }
