@@ -71,7 +71,8 @@ impl PgError {
             Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => ErrorKind::Permission,
             Some(c)
                 if *c == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
-                    && e.to_string().contains("shared_preload_libraries") =>
+                    && e.as_db_error()
+                        .is_some_and(|d| d.message().contains("shared_preload_libraries")) =>
             {
                 ErrorKind::MissingExtension
             }

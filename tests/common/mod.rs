@@ -232,3 +232,57 @@ pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// pgvigil's pollers driven by hand: each `poll()` runs every collector once, so a test
+/// controls exactly what happens between two polls.
+pub struct ManualPoller {
+    rt: tokio::runtime::Runtime,
+    pollers: Vec<std::sync::Arc<pgvigil::collector::poller::TargetPoller>>,
+    pub store: std::sync::Arc<pgvigil::store::Store>,
+}
+
+impl ManualPoller {
+    pub fn new(config: &Config) -> ManualPoller {
+        let catalog = pgvigil::collector::pack::Catalog::load(&config.collectors).unwrap();
+        let store = pgvigil::store::Store::new();
+        let collectors = std::sync::Arc::new(catalog.collectors.clone());
+        let pollers = config
+            .resolve_targets(&pgvigil::process_env)
+            .unwrap()
+            .into_iter()
+            .map(|t| {
+                pgvigil::collector::poller::TargetPoller::new(
+                    t,
+                    collectors.clone(),
+                    config.collectors.defaults,
+                    config.statements,
+                    store.clone(),
+                )
+            })
+            .collect();
+        ManualPoller {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            pollers,
+            store,
+        }
+    }
+
+    /// Runs every collector of every target once and returns the exposition samples.
+    pub fn poll(&self) -> Vec<Sample> {
+        for p in &self.pollers {
+            self.rt.block_on(p.poll_all_once());
+        }
+        parse(&self.text())
+    }
+
+    pub fn text(&self) -> String {
+        pgvigil::exposition::encode(
+            &self.store.snapshots(),
+            &self.store.self_metrics(),
+            pgvigil::exposition::Format::Text,
+        )
+    }
+}

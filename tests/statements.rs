@@ -1,0 +1,209 @@
+//! pg_stat_statements against a real PostgreSQL: window mean/stddev from a known
+//! workload, resets and evictions, the top-N bound with exact totals, a missing extension.
+
+mod common;
+
+use common::*;
+
+/// Config with only the statements collector (and `extra` YAML).
+fn statements_only(dsn: &str, extra: &str) -> pgvigil::config::Config {
+    config(&format!(
+        "targets:\n  - name: t1\n    dsn: \"{dsn}\"\ncollectors:\n  disable: [database, connections, settings, server]\n{extra}"
+    ))
+}
+
+fn sleep_queryid(samples: &[Sample], pattern: &str) -> String {
+    let info = find(samples, "pg_stat_statements_query_info", &[]);
+    let hit: Vec<_> = info
+        .iter()
+        .filter(|s| s.labels["query"].contains(pattern))
+        .collect();
+    assert_eq!(hit.len(), 1, "one query_info matching {pattern}: {info:?}");
+    hit[0].labels["queryid"].clone()
+}
+
+fn sleeps(pg: &TempCluster, list: &[(usize, f64)]) {
+    let mut sql = String::new();
+    for (n, secs) in list {
+        for _ in 0..*n {
+            sql.push_str(&format!("SELECT pg_sleep({secs});\n"));
+        }
+    }
+    pg.psql("postgres", &sql).unwrap();
+}
+
+fn population(samples: &[f64]) -> (f64, f64) {
+    let n = samples.len() as f64;
+    let mean = samples.iter().sum::<f64>() / n;
+    let var = samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+#[test]
+fn window_stddev_matches_the_workload_and_forgets_old_spikes() {
+    let pg = cluster(&[]);
+    let poller = ManualPoller::new(&statements_only(&pg.dsn(), ""));
+    // History before the first poll, so the window is not the whole entry.
+    sleeps(&pg, &[(5, 0.03)]);
+    poller.poll();
+
+    // 40 × 10 ms + 10 × 60 ms between two polls.
+    sleeps(&pg, &[(40, 0.01), (10, 0.06)]);
+    let s = poller.poll();
+    let qid = sleep_queryid(&s, "pg_sleep");
+    let want: Vec<f64> = std::iter::repeat_n(0.010, 40)
+        .chain(std::iter::repeat_n(0.060, 10))
+        .collect();
+    let (want_mean, want_sd) = population(&want);
+    let l = [("queryid", qid.as_str())];
+    let calls = value(&s, "pg_stat_statements_window_calls", &l).unwrap();
+    let mean = value(&s, "pg_stat_statements_window_exec_seconds_mean", &l).unwrap();
+    let sd = value(&s, "pg_stat_statements_window_exec_seconds_stddev", &l).unwrap();
+    println!("window 1: calls {calls} (want 50), mean {mean:.6} s (want {want_mean:.6}), stddev {sd:.6} s (want {want_sd:.6})");
+    assert_eq!(calls, 50.0);
+    // pg_sleep overshoots by a fraction of a millisecond per call: 1 ms tolerance.
+    assert!(
+        (mean - want_mean).abs() < 0.001,
+        "mean {mean} vs {want_mean}"
+    );
+    assert!((sd - want_sd).abs() < 0.001, "stddev {sd} vs {want_sd}");
+
+    // A steady window: 30 × 20 ms. Low window stddev, while since-reset stddev keeps
+    // the earlier spread.
+    sleeps(&pg, &[(30, 0.02)]);
+    let s = poller.poll();
+    let calls = value(&s, "pg_stat_statements_window_calls", &l).unwrap();
+    let mean = value(&s, "pg_stat_statements_window_exec_seconds_mean", &l).unwrap();
+    let sd = value(&s, "pg_stat_statements_window_exec_seconds_stddev", &l).unwrap();
+    let since_reset = value(&s, "pg_stat_statements_exec_seconds_stddev", &l).unwrap();
+    println!("window 2: calls {calls} (want 30), mean {mean:.6} s (want 0.020), stddev {sd:.6} s (want ~0), since-reset stddev {since_reset:.6} s");
+    assert_eq!(calls, 30.0);
+    assert!((mean - 0.020).abs() < 0.001, "mean {mean}");
+    assert!(sd < 0.001, "steady window stddev {sd}");
+    assert!(
+        since_reset > 0.010,
+        "since-reset stddev keeps the spike: {since_reset}"
+    );
+}
+
+fn assert_sane(s: &[Sample]) {
+    for x in s
+        .iter()
+        .filter(|x| x.name.starts_with("pg_stat_statements"))
+    {
+        assert!(x.value.is_finite(), "non-finite {x:?}");
+        assert!(x.value >= 0.0, "negative {x:?}");
+    }
+}
+
+/// Statements with distinct query ids: `SELECT 1 op 1 op … 1` where the 13 operators
+/// spell `i` in binary (`+` for 0, `*` for 1).
+fn distinct_statements(pg: &TempCluster, from: usize, to: usize) {
+    let mut sql = String::new();
+    for i in from..to {
+        sql.push_str("SELECT 1");
+        for bit in 0..13 {
+            sql.push_str(if i >> bit & 1 == 1 { "*1" } else { "+1" });
+        }
+        sql.push_str(";\n");
+    }
+    pg.psql("postgres", &sql).unwrap();
+}
+
+#[test]
+fn reset_and_eviction_give_no_negative_or_nan_values() {
+    let pg = cluster(&[("pg_stat_statements.max", "100")]);
+    let poller = ManualPoller::new(&statements_only(&pg.dsn(), ""));
+    sleeps(&pg, &[(3, 0.01)]);
+    poller.poll();
+    sleeps(&pg, &[(3, 0.01)]);
+    let s = poller.poll();
+    assert_sane(&s);
+    assert!(!find(&s, "pg_stat_statements_window_calls", &[]).is_empty());
+
+    // Reset between polls: calls go down, nothing negative, no window for the entry.
+    pg.psql("postgres", "SELECT pg_stat_statements_reset()")
+        .unwrap();
+    sleeps(&pg, &[(2, 0.01)]);
+    let s = poller.poll();
+    assert_sane(&s);
+    assert!(
+        value(&s, "pg_stat_statements_stats_reset_timestamp_seconds", &[]).is_some(),
+        "reset time exported"
+    );
+
+    // Eviction: far more distinct statements than pg_stat_statements.max.
+    distinct_statements(&pg, 0, 400);
+    let s = poller.poll();
+    assert_sane(&s);
+    let dealloc = value(&s, "pg_stat_statements_dealloc_total", &[]).unwrap();
+    assert!(dealloc >= 1.0, "evictions counted: {dealloc}");
+    distinct_statements(&pg, 400, 700);
+    let s = poller.poll();
+    assert_sane(&s);
+    distinct_statements(&pg, 0, 50);
+    let s = poller.poll();
+    assert_sane(&s);
+}
+
+#[test]
+fn five_thousand_statements_keep_top_n_and_exact_totals() {
+    let pg = cluster(&[
+        ("pg_stat_statements.max", "10000"),
+        ("pg_stat_statements.track_utility", "off"),
+    ]);
+    distinct_statements(&pg, 0, 5000);
+    let poller = ManualPoller::new(&statements_only(&pg.dsn(), "statements: {top_n: 100}\n"));
+    for round in 0..2 {
+        let s = poller.poll();
+        // pgvigil's own statements query finished (and was counted) after it read the
+        // view; nothing else ran since.
+        let after: f64 = pg
+            .psql("postgres", "SELECT sum(calls) FROM pg_stat_statements")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let calls = find(&s, "pg_stat_statements_calls_total", &[]);
+        let ids: std::collections::HashSet<_> =
+            calls.iter().map(|c| c.labels["queryid"].clone()).collect();
+        let exported: f64 = calls.iter().map(|c| c.value).sum();
+        println!(
+            "round {round}: {} queryids incl. other, sum(calls_total) {exported}, SELECT sum(calls) {after} (minus pgvigil's own read = {})",
+            ids.len(),
+            after - 1.0
+        );
+        assert_eq!(ids.len(), 101, "100 queries + other");
+        assert!(ids.contains("other"));
+        assert_eq!(exported, after - 1.0);
+        assert_eq!(find(&s, "pg_stat_statements_query_info", &[]).len(), 100);
+        // Gauges exist only for the top N.
+        let means = find(&s, "pg_stat_statements_exec_seconds_mean", &[]);
+        assert_eq!(means.len(), 100);
+        distinct_statements(&pg, 0, 50);
+    }
+}
+
+#[test]
+fn missing_extension_is_reported_once_and_the_rest_goes_on() {
+    // Not preloaded and not created.
+    let pg = TempCluster::start(
+        ClusterOptions::default()
+            .with_setting("shared_preload_libraries", "")
+            .with_extensions(Vec::<String>::new()),
+    )
+    .unwrap();
+    let poller = ManualPoller::new(&config(&one_target(&pg.dsn(), "")));
+    let s = poller.poll();
+    let l = [("collector", "statements"), ("kind", "missing_extension")];
+    assert_eq!(value(&s, "pgvigil_collector_errors_total", &l), Some(1.0));
+    assert!(find(&s, "pg_stat_statements_calls_total", &[]).is_empty());
+    assert!(value(&s, "pg_settings_max_connections", &[]).is_some());
+
+    // Created but not preloaded: PostgreSQL refuses to read it.
+    pg.psql("postgres", "CREATE EXTENSION pg_stat_statements")
+        .unwrap();
+    let poller = ManualPoller::new(&config(&one_target(&pg.dsn(), "")));
+    let s = poller.poll();
+    assert_eq!(value(&s, "pgvigil_collector_errors_total", &l), Some(1.0));
+    assert!(value(&s, "pg_settings_max_connections", &[]).is_some());
+}
