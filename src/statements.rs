@@ -49,6 +49,9 @@ const KEY_LABELS: [&str; 4] = ["datname", "user", "queryid", "toplevel"];
 /// (datname, user, queryid, toplevel)
 type Key = [String; 4];
 
+/// `pg_stat_statements_info` (dealloc, stats_reset); absent before 14.
+type Info = (Option<f64>, Option<f64>);
+
 /// One row of the statements query.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -63,7 +66,7 @@ struct Entry {
 pub struct StatementsProcessor {
     prev: HashMap<Key, (Cumulative, Option<f64>)>,
     /// `pg_stat_statements_info` (dealloc, stats_reset) at the previous poll.
-    prev_info: Option<(Option<f64>, Option<f64>)>,
+    prev_info: Option<Info>,
     scores: HashMap<Key, f64>,
     members: HashSet<Key>,
 }
@@ -94,9 +97,7 @@ fn column<R: Columns>(row: &R, name: &str) -> Result<usize, PgError> {
     })
 }
 
-fn parse_rows<R: Columns>(
-    rows: &[R],
-) -> Result<(Vec<Entry>, Option<(Option<f64>, Option<f64>)>), PgError> {
+fn parse_rows<R: Columns>(rows: &[R]) -> Result<(Vec<Entry>, Option<Info>), PgError> {
     let Some(first) = rows.first() else {
         return Ok((Vec::new(), None));
     };

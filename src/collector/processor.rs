@@ -54,12 +54,14 @@ pub fn extra_metrics(kind: ProcessorKind) -> &'static [&'static str] {
     }
 }
 
+/// Running totals of `accumulate` metrics, by (metric, labels).
+type Totals = HashMap<(Arc<str>, Vec<(Arc<str>, String)>), f64>;
+
 /// Per (collector, database) state kept between polls.
 #[derive(Default)]
 pub struct CollectorState {
     processor: Option<Box<dyn Processor>>,
-    /// Running totals of `accumulate` metrics, by (metric, labels).
-    totals: HashMap<(Arc<str>, Vec<(Arc<str>, String)>), f64>,
+    totals: Totals,
     last_poll: Option<Instant>,
 }
 
@@ -98,11 +100,7 @@ impl CollectorState {
 
 /// Replaces each sample's value by its running total (total += value × dt), and keeps
 /// exporting totals of label sets that are absent this time, so the counter never drops.
-fn accumulate(
-    totals: &mut HashMap<(Arc<str>, Vec<(Arc<str>, String)>), f64>,
-    family: &mut Family,
-    dt: f64,
-) {
+fn accumulate(totals: &mut Totals, family: &mut Family, dt: f64) {
     let mut present = std::collections::HashSet::new();
     for s in &mut family.samples {
         let key = (family.name.clone(), s.labels.clone());
