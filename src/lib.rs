@@ -21,6 +21,9 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; never queries PostgreSQL.
 //! - [`cluster`]: a throwaway local PostgreSQL, for `pgvigil demo` and the tests.
 //! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
+//! - [`statements`], [`window`], [`progress`]: Rust post-processing of collector rows
+//!   (pg_stat_statements window stats and top-N; index build ETA).
+//! - [`trace`]: the activity sampler, traceparent parsing, slow-query spans, OTLP export.
 
 pub mod cluster;
 pub mod collector;
@@ -34,6 +37,7 @@ pub mod sql;
 pub mod statements;
 
 pub mod store;
+pub mod trace;
 pub mod window;
 pub mod yaml;
 
@@ -53,6 +57,8 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     #[error("{0}")]
     Pack(#[from] collector::pack::PackError),
+    #[error("{0}")]
+    Trace(#[from] trace::TraceError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -108,6 +114,14 @@ pub async fn run(
     let addr = listener.local_addr().unwrap_or(config.listen);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (store, _pollers) = start_pollers(&config, &catalog, stop_rx.clone())?;
+    let targets = config.resolve_targets(&process_env)?;
+    let tracing_tasks = trace::start(
+        &config.tracing,
+        &targets,
+        &store,
+        stop_rx.clone(),
+        &process_env,
+    )?;
     tracing::info!(
         "pgvigil {} listening on http://{addr}/metrics ({} targets, {} collectors)",
         env!("CARGO_PKG_VERSION"),
@@ -121,6 +135,9 @@ pub async fn run(
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = serving.await;
+    if let Some(t) = tracing_tasks {
+        t.finish(std::time::Duration::from_secs(15)).await;
+    }
     Ok(())
 }
 

@@ -52,6 +52,15 @@ pub struct TargetHealth {
     /// Every collector has finished a first run, or the target was found unreachable.
     pub ready: bool,
     pub collectors: BTreeMap<String, CollectorHealth>,
+    /// Slow-query spans, when tracing is on: exported, and dropped by reason.
+    pub spans: Option<SpanCounts>,
+}
+
+/// Span counters of a target.
+#[derive(Debug, Clone, Default)]
+pub struct SpanCounts {
+    pub exported: u64,
+    pub dropped: BTreeMap<&'static str, u64>,
 }
 
 /// Shared between pollers (writers) and the HTTP server (reader).
@@ -143,6 +152,27 @@ impl Store {
             .clone()
     }
 
+    /// Turns on the span counters of a target, every reason at 0.
+    pub fn enable_spans(&self, target: &str, reasons: &[&'static str]) {
+        self.update_target(target, |h| {
+            let counts = h.spans.get_or_insert_with(SpanCounts::default);
+            for r in reasons {
+                counts.dropped.entry(r).or_insert(0);
+            }
+        });
+    }
+
+    /// Counts `n` spans exported (`reason` None) or dropped for `reason`.
+    pub fn count_spans(&self, target: &str, reason: Option<&'static str>, n: u64) {
+        self.update_target(target, |h| {
+            let counts = h.spans.get_or_insert_with(SpanCounts::default);
+            match reason {
+                None => counts.exported += n,
+                Some(r) => *counts.dropped.entry(r).or_insert(0) += n,
+            }
+        });
+    }
+
     /// Every target is ready (see [`TargetHealth::ready`]).
     pub fn ready(&self) -> bool {
         let t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
@@ -202,12 +232,37 @@ impl Store {
                 }
             }
         }
+        let mut exported = family(
+            "pgvigil_spans_exported_total",
+            "Slow-query spans the OTLP receiver accepted.",
+            MetricType::Counter,
+        );
+        let mut dropped = family(
+            "pgvigil_spans_dropped_total",
+            "Slow-query spans not delivered, by reason (queue_full, export_failed, not_sampled).",
+            MetricType::Counter,
+        );
+        for h in targets.values() {
+            let Some(spans) = &h.spans else { continue };
+            exported.samples.push(Sample {
+                labels: h.labels.clone(),
+                value: spans.exported as f64,
+            });
+            for (reason, n) in &spans.dropped {
+                let mut l = h.labels.clone();
+                l.push((Arc::from("reason"), reason.to_string()));
+                dropped.samples.push(Sample {
+                    labels: l,
+                    value: *n as f64,
+                });
+            }
+        }
         let mut build = family("pgvigil_build_info", "pgvigil's version.", MetricType::Info);
         build.samples.push(Sample {
             labels: vec![(Arc::from("version"), env!("CARGO_PKG_VERSION").to_string())],
             value: 1.0,
         });
-        vec![up, duration, errors, success, build]
+        vec![up, duration, errors, success, exported, dropped, build]
     }
 }
 

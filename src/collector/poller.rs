@@ -438,7 +438,7 @@ impl TargetPoller {
 }
 
 /// `BACKOFF_MIN · 2^(failures-1)`, capped at `BACKOFF_MAX`, ±25 % jitter.
-fn backoff(failures: u32) -> Duration {
+pub(crate) fn backoff(failures: u32) -> Duration {
     let exp = BACKOFF_MIN.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     let capped = exp.min(BACKOFF_MAX);
     capped.mul_f64(0.75 + fastrand::f64() * 0.5)

@@ -48,6 +48,66 @@ pub struct Config {
     /// pg_stat_statements: cardinality bound and query text length.
     #[serde(default)]
     pub statements: StatementsConfig,
+    /// Slow-query spans over OTLP.
+    #[serde(default)]
+    pub tracing: TracingConfig,
+}
+
+/// The `tracing:` section: slow-query spans. Off unless an endpoint is configured here
+/// or in `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP receiver, e.g. `http://127.0.0.1:4317` (gRPC) or `http://127.0.0.1:4318` (HTTP).
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`; default from `OTEL_EXPORTER_OTLP_PROTOCOL`, else `grpc`.
+    #[serde(default)]
+    pub protocol: Option<OtlpProtocol>,
+    /// An execution that runs at least this long becomes a span.
+    #[serde(default = "default_slow")]
+    pub slow_query_threshold: Interval,
+    /// How often `pg_stat_activity` is sampled, per target.
+    #[serde(default = "default_sample")]
+    pub sample_interval: Interval,
+    /// `service.name` of the spans' resource; default `OTEL_SERVICE_NAME`, else `pgvigil`.
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// Spans waiting for export, per target; beyond it new spans are dropped (counted).
+    #[serde(default = "default_queue")]
+    pub queue_size: usize,
+}
+
+/// OTLP transport.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+fn default_slow() -> Interval {
+    Interval(std::time::Duration::from_millis(500))
+}
+fn default_sample() -> Interval {
+    Interval::from_secs(1)
+}
+fn default_queue() -> usize {
+    2048
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            protocol: None,
+            slow_query_threshold: default_slow(),
+            sample_interval: default_sample(),
+            service_name: None,
+            queue_size: default_queue(),
+        }
+    }
 }
 
 /// The `statements:` section.
@@ -90,6 +150,7 @@ impl Default for Config {
             targets: Vec::new(),
             collectors: CollectorsConfig::default(),
             statements: StatementsConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }

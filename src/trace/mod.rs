@@ -1,0 +1,270 @@
+//! Slow-query spans: per target, an activity sampler reads `pg_stat_activity` every
+//! `tracing.sample_interval` on its own connection, follows each execution
+//! ([`activity`]), turns the slow ones into spans ([`span`]) parented by the
+//! application's `traceparent` ([`context`]), and queues them for OTLP export ([`export`]).
+//! Sampling never waits on the exporter; nothing here touches the collectors.
+
+pub mod activity;
+pub mod context;
+pub mod export;
+pub mod span;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::Resource;
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::config::{describe, OtlpProtocol, Target, TracingConfig};
+use crate::postgres;
+use crate::store::Store;
+use activity::{Observation, Tracker};
+
+/// Errors that stop tracing from starting (the rest of pgvigil would still run).
+#[derive(Debug, thiserror::Error)]
+#[error("tracing: {0}")]
+pub struct TraceError(String);
+
+/// The running samplers and exporters; [`Tracing::finish`] waits for the last spans.
+pub struct Tracing {
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Tracing {
+    /// Waits (bounded) for samplers to flush still-running executions and exporters to
+    /// send what is queued. Call after the shutdown signal.
+    pub async fn finish(self, limit: Duration) {
+        let all = futures_util::future::join_all(self.handles);
+        if tokio::time::timeout(limit, all).await.is_err() {
+            tracing::warn!("tracing: gave up waiting for the last span export after {limit:?}");
+        }
+    }
+}
+
+/// The endpoint from the config, else the standard environment; `None` = tracing off.
+pub fn endpoint(
+    cfg: &TracingConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<export::Endpoint>, TraceError> {
+    let from_env =
+        env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    if cfg.otlp_endpoint.is_none() && from_env.is_none() {
+        return Ok(None);
+    }
+    let protocol = match cfg.protocol {
+        Some(p) => p,
+        None => match env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            .as_deref()
+        {
+            None | Some("grpc") => OtlpProtocol::Grpc,
+            Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+            Some(other) => {
+                return Err(TraceError(format!(
+                "OTEL_EXPORTER_OTLP_PROTOCOL={other:?} is not supported; use grpc or http/protobuf"
+            )))
+            }
+        },
+    };
+    Ok(Some(export::Endpoint {
+        url: cfg.otlp_endpoint.clone(),
+        protocol,
+    }))
+}
+
+/// Starts a sampler and an exporter per target, or nothing when tracing is off.
+pub fn start(
+    cfg: &TracingConfig,
+    targets: &[Target],
+    store: &Arc<Store>,
+    shutdown: watch::Receiver<bool>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Tracing>, TraceError> {
+    let Some(endpoint) = endpoint(cfg, env)? else {
+        return Ok(None);
+    };
+    let service = cfg
+        .service_name
+        .clone()
+        .or_else(|| env("OTEL_SERVICE_NAME"))
+        .unwrap_or_else(|| "pgvigil".to_string());
+    let mut handles = Vec::new();
+    for t in targets {
+        // Resource::builder() applies OTEL_RESOURCE_ATTRIBUTES; the target is added.
+        let resource = Resource::builder()
+            .with_service_name(service.clone())
+            .with_attributes(
+                std::iter::once(KeyValue::new("pgvigil.target", t.name.clone())).chain(
+                    t.labels
+                        .iter()
+                        .skip(1)
+                        .map(|(k, v)| KeyValue::new(format!("pgvigil.label.{k}"), v.clone())),
+                ),
+            )
+            .build();
+        let exporter = export::build_exporter(&endpoint, &resource).map_err(TraceError)?;
+        let (queue, drain) =
+            export::start(exporter, cfg.queue_size, Arc::clone(store), t.name.clone());
+        handles.push(drain);
+        let sampler = Sampler {
+            target: t.clone(),
+            threshold: cfg.slow_query_threshold.0.as_secs_f64(),
+            every: cfg.sample_interval.0,
+            queue,
+            server: server_of(t),
+        };
+        handles.push(tokio::spawn(sampler.run(shutdown.clone())));
+    }
+    tracing::info!(
+        "tracing: slow-query spans (>= {}) to {} over {:?}",
+        cfg.slow_query_threshold,
+        endpoint
+            .url
+            .as_deref()
+            .unwrap_or("the OTEL_EXPORTER_OTLP_* endpoint"),
+        endpoint.protocol
+    );
+    Ok(Some(Tracing { handles }))
+}
+
+fn server_of(t: &Target) -> span::Server {
+    let address = match t.pg.0.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    span::Server {
+        address,
+        port: t.pg.0.get_ports().first().copied().unwrap_or(5432),
+    }
+}
+
+/// Follows one target's activity.
+struct Sampler {
+    target: Target,
+    threshold: f64,
+    every: Duration,
+    queue: export::Queue,
+    server: span::Server,
+}
+
+/// Client backends other than pgvigil's own sessions. `pg_blocking_pids` only for lock
+/// waits: it is not free.
+const ACTIVITY_SQL: &str = "\
+SELECT pid, coalesce(datname::text, ''), coalesce(usename::text, ''),
+       coalesce(application_name, ''), coalesce(host(client_addr), ''),
+       extract(epoch FROM query_start)::float8, coalesce(state, ''),
+       extract(epoch FROM state_change)::float8,
+       coalesce(wait_event_type, ''), coalesce(wait_event, ''),
+       CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) ELSE '{}'::int4[] END,
+       coalesce(query, ''), extract(epoch FROM clock_timestamp())::float8
+FROM pg_stat_activity
+WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+  AND coalesce(application_name, '') <> $1";
+
+impl Sampler {
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut tracker = Tracker::default();
+        let mut client: Option<Client> = None;
+        let mut failures = 0u32;
+        let mut retry_at = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let own_app = self
+            .target
+            .pg
+            .0
+            .get_application_name()
+            .unwrap_or("pgvigil")
+            .to_string();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = None;
+                if tokio::time::Instant::now() < retry_at {
+                    continue;
+                }
+                match postgres::connect(&self.target.pg.0, self.every.max(Duration::from_secs(5)))
+                    .await
+                {
+                    Ok((c, _)) => {
+                        failures = 0;
+                        client = Some(c);
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let wait = crate::collector::poller::backoff(failures);
+                        retry_at = tokio::time::Instant::now() + wait;
+                        tracing::warn!(target = %self.target.name, "activity sampler cannot connect to {}: {}; retrying in {:.1}s", describe(&self.target.pg.0), e.message, wait.as_secs_f64());
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = client.as_ref() else { continue };
+            let rows = tokio::time::timeout(
+                self.every.max(Duration::from_secs(1)) * 2,
+                c.query(ACTIVITY_SQL, &[&own_app]),
+            )
+            .await;
+            let rows = match rows {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(e)) => {
+                    tracing::debug!(target = %self.target.name, "activity sample failed: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    client = None;
+                    continue;
+                }
+            };
+            let mut now = None;
+            let observations: Vec<Observation> = rows
+                .iter()
+                .filter_map(|r| {
+                    now = r.try_get::<_, Option<f64>>(12).ok().flatten().or(now);
+                    Some(Observation {
+                        pid: r.try_get(0).ok()?,
+                        datname: r.try_get(1).ok()?,
+                        usename: r.try_get(2).ok()?,
+                        application_name: r.try_get(3).ok()?,
+                        client_addr: r.try_get(4).ok()?,
+                        query_start: r.try_get(5).ok()?,
+                        state: r.try_get(6).ok()?,
+                        state_change: r.try_get(7).ok()?,
+                        wait_event_type: r.try_get(8).ok()?,
+                        wait_event: r.try_get(9).ok()?,
+                        blocking_pids: r.try_get::<_, Vec<i32>>(10).unwrap_or_default(),
+                        query: r.try_get(11).ok()?,
+                    })
+                })
+                .collect();
+            // With no other backend there is no row to read the server clock from; local
+            // time is as good for ending executions that vanished.
+            let now =
+                now.unwrap_or_else(|| crate::store::unix_seconds(std::time::SystemTime::now()));
+            for ended in tracker.observe(&observations, now) {
+                self.emit(&ended);
+            }
+        }
+        for ended in tracker.flush() {
+            self.emit(&ended);
+        }
+    }
+
+    fn emit(&self, ended: &activity::Ended) {
+        // Still-running executions at shutdown count from their start to their last
+        // sighting, like any other.
+        if ended.duration() < self.threshold {
+            return;
+        }
+        match span::build(ended, &self.server) {
+            Some(s) => self.queue.push(s),
+            None => self.queue.drop_spans("not_sampled", 1),
+        }
+    }
+}
