@@ -21,22 +21,33 @@ use crate::store::Store;
 
 /// State shared by all connections.
 pub struct Server {
-    store: Arc<Store>,
-    /// Last encoded body per format, with the store generation it was made from.
-    cache: Mutex<Vec<(Format, u64, Bytes)>>,
+    /// Replaced on a config reload; a short-held lock, never across an `.await`.
+    store: std::sync::RwLock<Arc<Store>>,
+    /// Last encoded body per format, with the store (identity, generation) it was made from.
+    cache: Mutex<Vec<(Format, (usize, u64), Bytes)>>,
 }
 
 impl Server {
     pub fn new(store: Arc<Store>) -> Arc<Server> {
         Arc::new(Server {
-            store,
+            store: std::sync::RwLock::new(store),
             cache: Mutex::new(Vec::new()),
         })
     }
 
+    /// Serves from `store` from now on (after a config reload).
+    pub fn set_store(&self, store: Arc<Store>) {
+        *self.store.write().unwrap_or_else(|e| e.into_inner()) = store;
+    }
+
+    fn store(&self) -> Arc<Store> {
+        Arc::clone(&self.store.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// The `/metrics` body in `format`, from cache when the store has not changed.
     pub fn metrics(&self, format: Format) -> Bytes {
-        let generation = self.store.generation();
+        let store = self.store();
+        let generation = (Arc::as_ptr(&store) as usize, store.generation());
         {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((_, _, body)) = cache
@@ -46,8 +57,8 @@ impl Server {
                 return body.clone();
             }
         }
-        let snapshots = self.store.snapshots();
-        let extra = self.store.self_metrics();
+        let snapshots = store.snapshots();
+        let extra = store.self_metrics();
         let body = Bytes::from(exposition::encode(&snapshots, &extra, format));
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.retain(|(f, _, _)| *f != format);
@@ -72,7 +83,7 @@ impl Server {
             }
             "/healthz" => plain(StatusCode::OK, "ok\n"),
             "/readyz" => {
-                if self.store.ready() {
+                if self.store().ready() {
                     plain(StatusCode::OK, "ready\n")
                 } else {
                     plain(

@@ -94,10 +94,45 @@ pub fn start_pollers(
     Ok((store, pollers))
 }
 
+/// One configuration's running parts: pollers and samplers writing into one store.
+/// A reload starts a new generation and then stops the old one.
+struct Generation {
+    store: Arc<Store>,
+    stop: watch::Sender<bool>,
+    tracing: Option<trace::Tracing>,
+}
+
+impl Generation {
+    fn start(config: &Config, catalog: &Catalog) -> Result<Generation, StartError> {
+        let (stop, stop_rx) = watch::channel(false);
+        let (store, _pollers) = start_pollers(config, catalog, stop_rx.clone())?;
+        let targets = config.resolve_targets(&process_env)?;
+        let tracing = trace::start(&config.tracing, &targets, &store, stop_rx, &process_env)?;
+        Ok(Generation {
+            store,
+            stop,
+            tracing,
+        })
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.tracing {
+            t.finish(std::time::Duration::from_secs(15)).await;
+        }
+    }
+}
+
+/// Reads the configuration again (for `SIGHUP`): file, environment and CLI overrides.
+pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send>;
+
 /// Runs pgvigil until `shutdown` resolves: pollers in the background, HTTP in front.
-/// `on_listen` is told the bound address (useful with port 0).
+/// `on_listen` is told the bound address (useful with port 0). With `reload`, `SIGHUP`
+/// re-reads the configuration: a valid one replaces the running targets and collectors
+/// (the listen address needs a restart); an invalid one is logged and ignored.
 pub async fn run(
     config: Config,
+    reload: Option<Reload>,
     shutdown: impl std::future::Future<Output = ()>,
     on_listen: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), StartError> {
@@ -112,16 +147,7 @@ pub async fn run(
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(config.listen);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (store, _pollers) = start_pollers(&config, &catalog, stop_rx.clone())?;
-    let targets = config.resolve_targets(&process_env)?;
-    let tracing_tasks = trace::start(
-        &config.tracing,
-        &targets,
-        &store,
-        stop_rx.clone(),
-        &process_env,
-    )?;
+    let mut current = Generation::start(&config, &catalog)?;
     tracing::info!(
         "pgvigil {} listening on http://{addr}/metrics ({} targets, {} collectors)",
         env!("CARGO_PKG_VERSION"),
@@ -129,16 +155,74 @@ pub async fn run(
         catalog.collectors.len()
     );
     on_listen(addr);
-    let server = http::Server::new(store);
-    let serving = tokio::spawn(http::serve(listener, server, stop_rx));
-    shutdown.await;
-    tracing::info!("shutting down");
-    let _ = stop_tx.send(true);
-    let _ = serving.await;
-    if let Some(t) = tracing_tasks {
-        t.finish(std::time::Duration::from_secs(15)).await;
+    let server = http::Server::new(Arc::clone(&current.store));
+    let (http_stop, http_stop_rx) = watch::channel(false);
+    let serving = tokio::spawn(http::serve(listener, Arc::clone(&server), http_stop_rx));
+    let mut hup = hangups(reload.is_some());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = next_hangup(&mut hup) => {
+                let Some(reload) = &reload else { continue };
+                match reload_generation(reload, config.listen) {
+                    Ok(next) => {
+                        server.set_store(Arc::clone(&next.store));
+                        let old = std::mem::replace(&mut current, next);
+                        old.stop().await;
+                        tracing::info!("configuration reloaded");
+                    }
+                    Err(e) => tracing::error!("configuration reload rejected, the running configuration stays: {e}"),
+                }
+            }
+        }
     }
+    tracing::info!("shutting down");
+    let _ = http_stop.send(true);
+    let _ = serving.await;
+    current.stop().await;
     Ok(())
+}
+
+fn reload_generation(reload: &Reload, listen: std::net::SocketAddr) -> Result<Generation, String> {
+    let config = reload()?;
+    if config.listen != listen {
+        tracing::warn!(
+            "listen address changed to {}; that takes a restart, still serving on {listen}",
+            config.listen
+        );
+    }
+    let catalog = Catalog::load(&config.collectors).map_err(|e| e.to_string())?;
+    config
+        .resolve_targets(&process_env)
+        .map_err(|e| e.to_string())?;
+    Generation::start(&config, &catalog).map_err(|e| e.to_string())
+}
+
+/// A stream of `SIGHUP`s; `None` when reloading is off or the signal is unavailable.
+fn hangups(enabled: bool) -> Option<tokio::signal::unix::Signal> {
+    if !enabled {
+        return None;
+    }
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGHUP, reload disabled: {e}");
+            None
+        }
+    }
+}
+
+/// The next `SIGHUP`, or never.
+async fn next_hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
+    match hup {
+        Some(s) => {
+            if s.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 /// Polls every collector of every target once and returns the metrics text (0.0.4).

@@ -96,8 +96,15 @@ fn real_main(cli: Cli) -> Result<(), String> {
     match cli.command {
         None => {
             let config = load_config(cli.config.as_ref(), cli.listen)?;
+            let (path, listen) = (cli.config.clone(), cli.listen);
+            let reload: pgvigil::Reload = Box::new(move || load_config(path.as_ref(), listen));
             runtime()?
-                .block_on(pgvigil::run(config, shutdown_signal(), |_| {}))
+                .block_on(pgvigil::run(
+                    config,
+                    Some(reload),
+                    shutdown_signal(),
+                    |_| {},
+                ))
                 .map_err(|e| e.to_string())
         }
         Some(Command::CheckConfig { file }) => {
@@ -144,7 +151,7 @@ fn demo(listen: Option<std::net::SocketAddr>) -> Result<(), String> {
         demo.cluster.data_dir().display(),
         pgvigil::demo::DEMO_ROLE
     );
-    let result = runtime()?.block_on(pgvigil::run(config, shutdown_signal(), |addr| {
+    let result = runtime()?.block_on(pgvigil::run(config, None, shutdown_signal(), |addr| {
         eprintln!(
             "pgvigil demo: metrics at http://{addr}/metrics  (Ctrl-C stops and deletes everything)"
         );

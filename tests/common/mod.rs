@@ -65,6 +65,7 @@ pub fn start(mut config: Config) -> Running {
         rt.block_on(async move {
             let result = pgvigil::run(
                 config,
+                None,
                 async {
                     let _ = stop_rx.await;
                 },
