@@ -19,12 +19,15 @@ use tokio::sync::watch;
 use crate::exposition::{self, Format};
 use crate::store::Store;
 
+/// Which store contents a cached body was encoded from: (store identity, generation).
+type Version = (usize, u64);
+
 /// State shared by all connections.
 pub struct Server {
     /// Replaced on a config reload; a short-held lock, never across an `.await`.
     store: std::sync::RwLock<Arc<Store>>,
     /// Last encoded body per format, with the store (identity, generation) it was made from.
-    cache: Mutex<Vec<(Format, (usize, u64), Bytes)>>,
+    cache: Mutex<Vec<(Format, Version, Bytes)>>,
 }
 
 impl Server {
