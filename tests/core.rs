@@ -121,6 +121,7 @@ fn user_pack_adds_metrics_nulls_skip_and_failures_are_isolated() {
             "pgvigil_collector_errors_total",
             &[("collector", "broken"), ("kind", "query")],
         )?;
+        value(s, "pg_settings_max_connections", &[])?;
         (errors >= 1.0 && value(s, "custom_answer", &[])? > 0.0).then(|| s.to_vec())
     });
     let answers = find(&s, "custom_answer", &[]);
