@@ -445,7 +445,8 @@ impl TempCluster {
     /// Like [`TempCluster::psql`] but connecting as database role `user`.
     pub fn psql_as(&self, user: &str, db: &str, sql: &str) -> Result<String, ClusterError> {
         let local = self.bindir.join("psql");
-        let program = if is_executable(&local) {
+        let bundled = is_executable(&local);
+        let program = if bundled {
             local
         } else {
             PathBuf::from("psql")
@@ -458,6 +459,10 @@ impl TempCluster {
         );
         let mut cmd = Command::new(&program);
         self.runner.apply_env(&mut cmd);
+        if !bundled {
+            // A psql from elsewhere must load its own libpq, not the server bundle's.
+            cmd.env_remove("LD_LIBRARY_PATH");
+        }
         cmd.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
             .arg(&conninfo)
             .args(["-f", "-"])
