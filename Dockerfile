@@ -14,7 +14,6 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pgvigil
 COPY --from=build /src/target/release/pgvigil /usr/local/bin/pgvigil
-COPY queries /usr/share/pgvigil/queries
 USER pgvigil
 # Inside a container the exporter must listen on all interfaces to be scraped.
 ENV PGVIGIL_LISTEN=0.0.0.0:9187
