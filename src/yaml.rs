@@ -69,19 +69,37 @@ pub fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, YamlErro
     })
 }
 
-/// serde_yaml_ng appends " at line N column M" to its messages; we print the location first.
+/// serde_yaml_ng puts " at line N column M" into its messages (at the end, or before
+/// ", while parsing …"); we print the location first, so it is taken out.
 fn strip_location(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(i) if message[i..].contains(" column ") => message[..i].to_string(),
-        _ => message.to_string(),
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find(" at line ") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + " at line ".len()..];
+        let digits = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let n = digits(after);
+        match after[n..].strip_prefix(" column ") {
+            Some(col) if n > 0 && digits(col) > 0 => rest = &col[digits(col)..],
+            _ => {
+                out.push_str(" at line ");
+                rest = after;
+            }
+        }
     }
+    out.push_str(rest);
+    out
 }
 
-/// Finds the line and column of `key: value` in `text` (first match at or after line
-/// `after`), for errors that are only detectable across documents, such as a metric name
+/// Finds the line and column of `key: value` in `text` (the first match), for errors that are only detectable across documents, such as a metric name
 /// defined in two packs. Falls back to (0, 0), which prints as "file: message".
 pub fn locate(text: &str, key: &str, value: &str) -> (usize, usize) {
-    for (i, line) in text.lines().enumerate() {
+    locate_after(text, key, value, 0)
+}
+
+/// Like [`locate`], searching from line `after` (1-based) on.
+pub fn locate_after(text: &str, key: &str, value: &str, after: usize) -> (usize, usize) {
+    for (i, line) in text.lines().enumerate().skip(after.saturating_sub(1)) {
         let trimmed = line.trim_start().trim_start_matches("- ").trim_start();
         let Some(rest) = trimmed.strip_prefix(key) else {
             continue;
@@ -98,6 +116,27 @@ pub fn locate(text: &str, key: &str, value: &str) -> (usize, usize) {
     (0, 0)
 }
 
+/// The line and column of the first `word` (a whole word) after the first line containing
+/// `anchor`, e.g. a name inside `disable: [a, b]`.
+pub fn locate_word(text: &str, anchor: &str, word: &str) -> (usize, usize) {
+    let Some(start) = text.lines().position(|l| l.contains(anchor)) else {
+        return (0, 0);
+    };
+    for (i, line) in text.lines().enumerate().skip(start) {
+        let mut from = 0;
+        while let Some(at) = line[from..].find(word) {
+            let s = from + at;
+            let e = s + word.len();
+            let is_word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+            if !is_word(line[..s].chars().last()) && !is_word(line[e..].chars().next()) {
+                return (i + 1, s + 1);
+            }
+            from = e;
+        }
+    }
+    (0, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +148,11 @@ mod tests {
             "targets[0].dsn: bad"
         );
         assert_eq!(strip_location("no location"), "no location");
+        assert_eq!(
+            strip_location("did not find expected '-' indicator at line 5 column 3, while parsing a block collection"),
+            "did not find expected '-' indicator, while parsing a block collection"
+        );
+        assert_eq!(strip_location("at line x"), "at line x");
     }
 
     #[test]

@@ -5,10 +5,19 @@ mod common;
 
 use common::*;
 
-/// Config with only the statements collector (and `extra` YAML).
+/// Config with only the statements collector (and `extra` YAML): every other built-in
+/// collector is disabled, so no other query lands in pg_stat_statements.
 fn statements_only(dsn: &str, extra: &str) -> pgvigil::config::Config {
+    let all = pgvigil::collector::pack::Catalog::load(&Default::default()).unwrap();
+    let others: Vec<String> = all
+        .collectors
+        .iter()
+        .map(|c| c.name.0.clone())
+        .filter(|n| n != "statements")
+        .collect();
     config(&format!(
-        "targets:\n  - name: t1\n    dsn: \"{dsn}\"\ncollectors:\n  disable: [database, connections, settings, server]\n{extra}"
+        "targets:\n  - name: t1\n    dsn: \"{dsn}\"\ncollectors:\n  disable: [{}]\n{extra}",
+        others.join(", ")
     ))
 }
 

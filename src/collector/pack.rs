@@ -93,6 +93,9 @@ pub struct CollectorDef {
     /// Which file this came from (for messages); set after parsing.
     #[serde(skip)]
     pub source: PathBuf,
+    /// Position in that file's `collectors` list (for messages).
+    #[serde(skip)]
+    pub index: usize,
 }
 
 /// The named Rust processors a collector can hand its rows to (see `processor.rs`).
@@ -483,10 +486,14 @@ impl Catalog {
                 });
             }
         }
-        Catalog::from_files(files, &config.disable)
+        Catalog::from_files(files, &config.disable, config.source.as_ref())
     }
 
-    fn from_files(files: Vec<Loaded>, disable: &[String]) -> Result<Catalog, PackError> {
+    fn from_files(
+        files: Vec<Loaded>,
+        disable: &[String],
+        config_source: Option<&(PathBuf, String)>,
+    ) -> Result<Catalog, PackError> {
         let mut collectors: Vec<(CollectorDef, bool)> = Vec::new();
         let mut by_name: HashMap<String, usize> = HashMap::new();
         let mut notes = Vec::new();
@@ -494,8 +501,9 @@ impl Catalog {
         for f in &files {
             texts.insert(f.path.clone(), &f.text);
             let pack: PackFile = yaml::parse(&f.path, &f.text)?;
-            for mut c in pack.collectors {
+            for (index, mut c) in pack.collectors.into_iter().enumerate() {
                 c.source = f.path.clone();
+                c.index = index;
                 match by_name.get(&c.name.0) {
                     Some(&i) if collectors[i].1 && !f.builtin => {
                         notes.push(format!(
@@ -529,9 +537,13 @@ impl Catalog {
             if !by_name.contains_key(name) {
                 let mut known: Vec<_> = by_name.keys().cloned().collect();
                 known.sort();
+                let (path, at) = match config_source {
+                    Some((p, text)) => (p.as_path(), yaml::locate_word(text, "disable", name)),
+                    None => (Path::new("config"), (0, 0)),
+                };
                 return Err(YamlError::at(
-                    Path::new("config"),
-                    (0, 0),
+                    path,
+                    at,
                     format!(
                         "collectors.disable: no collector named {name:?} (known: {})",
                         known.join(", ")
@@ -557,15 +569,15 @@ impl Catalog {
             }
         }
         for c in &collectors {
-            for m in &c.metrics.0 {
+            for (j, m) in c.metrics.0.iter().enumerate() {
                 if let Some(first) = owner.insert(&m.name.0, c) {
                     let text = texts.get(&c.source).copied().unwrap_or("");
                     return Err(YamlError::at(
                         &c.source,
                         yaml::locate(text, "name", &m.name.0),
                         format!(
-                            "collectors[{}].metrics: duplicate metric name {}: already defined by collector {} in {}",
-                            c.name,
+                            "collectors[{}].metrics[{j}].name: duplicate metric name {}: already defined by collector {} in {}",
+                            c.index,
                             m.name,
                             first.name,
                             first.source.display()
@@ -619,7 +631,7 @@ mod tests {
             text: user.to_string(),
             builtin: false,
         });
-        Catalog::from_files(files, &[]).map_err(|e| e.to_string())
+        Catalog::from_files(files, &[], None).map_err(|e| e.to_string())
     }
 
     const ONE: &str = "collectors:\n  - name: mine\n    help: Mine.\n    queries:\n      - sql: SELECT 1 AS v\n    metrics:\n      - name: my_value\n        type: gauge\n        help: A value.\n        value: v\n";

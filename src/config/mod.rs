@@ -269,6 +269,10 @@ pub struct CollectorsConfig {
     pub disable: Vec<String>,
     #[serde(default)]
     pub defaults: CollectorDefaults,
+    /// The config file and its text, for locating errors found later (e.g. a name in
+    /// `disable` that no pack defines).
+    #[serde(skip)]
+    pub source: Option<(PathBuf, String)>,
 }
 
 /// Used by collectors that do not set their own.
@@ -328,12 +332,13 @@ impl Config {
     /// Parses config text; `path` is only used in messages.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         // An empty file is a valid, all-defaults config.
-        let config: Config = if text.trim().is_empty() {
+        let mut config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
             yaml::parse(path, text)?
         };
         config.check(path, text)?;
+        config.collectors.source = Some((path.to_path_buf(), text.to_string()));
         Ok(config)
     }
 

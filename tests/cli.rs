@@ -1,0 +1,335 @@
+//! The real `pgvigil` binary: bad input gets a clear, located error (never a panic), a good
+//! config prints its plan, and an unreachable target is retried with backoff, without
+//! leaking its password.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, write};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgvigil");
+
+/// `pgvigil` with an environment that cannot leak into the test (no config, listen address
+/// or connection settings from the caller's shell).
+fn pgvigil() -> Command {
+    let mut cmd = Command::new(BIN);
+    for var in [
+        "PGVIGIL_CONFIG",
+        "PGVIGIL_LISTEN",
+        "PGVIGIL_LOG",
+        "DATA_SOURCE_NAME",
+        "PGHOST",
+        "PGPORT",
+        "PGUSER",
+        "PGPASSWORD",
+        "PGDATABASE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Runs `pgvigil check-config <dir>/pgvigil.yaml` with `yaml` as the file's content.
+fn check_config(dir: &Path, yaml: &str) -> (PathBuf, Output) {
+    let path = write(dir, "pgvigil.yaml", yaml);
+    let out = pgvigil()
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run pgvigil check-config");
+    (path, out)
+}
+
+/// Asserts that `out` is a failure whose stderr is located at `file:line:` and mentions
+/// every one of `needles` (field names and the gist of the message).
+fn assert_error_at(out: &Output, file: &Path, line: usize, needles: &[&str]) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ctx = format!(
+        "status: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(1), "exit code must be 1\n{ctx}");
+    assert!(!stderr.contains("panicked"), "pgvigil panicked\n{ctx}");
+    let at = format!("{}:{line}:", file.display());
+    assert!(stderr.contains(&at), "stderr must contain {at:?}\n{ctx}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr must mention {n:?}\n{ctx}");
+    }
+}
+
+/// A user pack with one gauge named `metric` (the `name:` line of the metric is line 7).
+fn user_pack(metric: &str) -> String {
+    format!(
+        "collectors:\n  - name: mine\n    help: Mine.\n    queries:\n      - sql: SELECT 1 AS v\n    metrics:\n      - name: {metric}\n        type: gauge\n        help: A value.\n        value: v\n"
+    )
+}
+
+/// A valid config whose collectors read the user packs in `packs`.
+fn config_with_packs(packs: &Path) -> String {
+    format!(
+        "targets:\n  - name: a\n    dsn: host=db.example\ncollectors:\n  paths: [\"{}\"]\n",
+        packs.display()
+    )
+}
+
+#[test]
+fn yaml_syntax_error_unclosed_bracket() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = check_config(
+        dir.path(),
+        "targets:\n  - name: a\n    dsn: host=h\n    labels: {env: test]\n",
+    );
+    assert_error_at(
+        &out,
+        &file,
+        4,
+        &["did not find expected ',' or '}'", "flow mapping"],
+    );
+}
+
+#[test]
+fn yaml_syntax_error_bad_indentation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = check_config(
+        dir.path(),
+        "listen: 127.0.0.1:9999\ntargets:\n  - name: a\n    dsn: host=h\n  bad: indentation\n",
+    );
+    assert_error_at(&out, &file, 5, &["did not find expected '-' indicator"]);
+}
+
+#[test]
+fn unknown_field_in_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = check_config(
+        dir.path(),
+        "listen: 127.0.0.1:9999\ntargets:\n  - name: a\n    dsn: host=h\n    colour: red\n",
+    );
+    assert_error_at(&out, &file, 5, &["targets[0]", "unknown field `colour`"]);
+}
+
+#[test]
+fn unknown_top_level_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = check_config(
+        dir.path(),
+        "listen: 127.0.0.1:9999\ntargets: []\nbogus: 1\n",
+    );
+    assert_error_at(&out, &file, 3, &["unknown field `bogus`"]);
+}
+
+#[test]
+fn wrong_type_listen_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = check_config(
+        dir.path(),
+        "targets:\n  - name: a\n    dsn: host=h\nlisten: [1, 2]\n",
+    );
+    assert_error_at(&out, &file, 4, &["listen", "invalid type: sequence"]);
+}
+
+#[test]
+fn wrong_type_targets_integer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = check_config(dir.path(), "listen: 127.0.0.1:9999\ntargets: 5\n");
+    assert_error_at(
+        &out,
+        &file,
+        2,
+        &["targets", "invalid type: integer `5`, expected a sequence"],
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = check_config(
+        dir.path(),
+        "targets:\n  - name: a\n    dsn: host=h\ncollectors:\n  defaults:\n    interval: 5 parsecs\n",
+    );
+    assert_error_at(
+        &out,
+        &file,
+        6,
+        &[
+            "collectors.defaults.interval",
+            "invalid duration \"5 parsecs\"",
+        ],
+    );
+}
+
+#[test]
+fn invalid_connection_string() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = check_config(
+        dir.path(),
+        "listen: 127.0.0.1:9999\ntargets:\n  - name: a\n    dsn: \"host=h port=notaport\"\n",
+    );
+    assert_error_at(
+        &out,
+        &file,
+        4,
+        &["targets[0].dsn", "invalid connection string", "port"],
+    );
+}
+
+#[test]
+fn duplicate_metric_name_across_packs_names_the_user_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    let packs = dir.path().join("packs");
+    std::fs::create_dir(&packs).unwrap();
+    let pack = write(&packs, "mine.yaml", &user_pack("pg_database_size_bytes"));
+    let (_, out) = check_config(dir.path(), &config_with_packs(&packs));
+    assert_error_at(
+        &out,
+        &pack,
+        7,
+        &[
+            "collectors[",
+            ".metrics",
+            "duplicate metric name pg_database_size_bytes",
+            "queries/database.yaml",
+        ],
+    );
+}
+
+#[test]
+fn invalid_metric_name_in_user_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    let packs = dir.path().join("packs");
+    std::fs::create_dir(&packs).unwrap();
+    let pack = write(&packs, "mine.yaml", &user_pack("my-metric"));
+    let (_, out) = check_config(dir.path(), &config_with_packs(&packs));
+    assert_error_at(
+        &out,
+        &pack,
+        7,
+        &[
+            "collectors[0].metrics[0].name",
+            "invalid metric name \"my-metric\"",
+        ],
+    );
+}
+
+#[test]
+fn good_config_prints_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, out) = check_config(
+        dir.path(),
+        "listen: 127.0.0.1:9999\ntargets:\n  - name: a\n    dsn: postgresql://monitor:hunter2pw@db.example:5433/app\n",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ctx = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(out.status.success(), "{:?}\n{ctx}", out.status);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("  database ")),
+        "the plan lists the database collector\n{ctx}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("PostgreSQL 13:")),
+        "the plan shows the variant per version\n{ctx}"
+    );
+    assert!(stdout.contains("config OK"), "{ctx}");
+    assert!(
+        !stdout.contains("hunter2pw") && !stderr.contains("hunter2pw"),
+        "the plan must not show the password\n{ctx}"
+    );
+}
+
+#[test]
+fn help_mentions_config() {
+    for args in [&["--help"][..], &["check-config", "--help"][..]] {
+        let out = pgvigil().args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "pgvigil {args:?}: {:?}", out.status);
+        assert!(stdout.contains("--config"), "pgvigil {args:?}:\n{stdout}");
+    }
+}
+
+/// Kills the child (by its own handle) if a test fails before it does.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn unreachable_target_is_retried_with_backoff_and_no_password_leaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg_port = free_port(); // nothing listens there
+    let listen_port = free_port();
+    let path = write(
+        dir.path(),
+        "pgvigil.yaml",
+        &format!(
+            "listen: 127.0.0.1:{listen_port}\ntargets:\n  - name: down\n    dsn: \"postgresql://monitor:s3cretpw@127.0.0.1:{pg_port}/postgres\"\ncollectors: {{defaults: {{interval: 1s}}}}\n"
+        ),
+    );
+    let started = Instant::now();
+    let mut child = KillOnDrop(
+        pgvigil()
+            .arg("--config")
+            .arg(&path)
+            .env("PGVIGIL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start pgvigil"),
+    );
+    let mut stderr = child.0.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(started.elapsed()));
+    let still_running = child.0.try_wait().unwrap().is_none();
+    let scrape = reqwest::blocking::Client::new()
+        .get(format!("http://127.0.0.1:{listen_port}/metrics"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .map(|r| (r.status().as_u16(), r.text().unwrap_or_default()));
+
+    child.0.kill().expect("kill pgvigil");
+    child.0.wait().unwrap();
+    let log = reader.join().unwrap();
+    let ctx = format!("pgvigil stderr:\n{log}");
+
+    assert!(still_running, "pgvigil exited early\n{ctx}");
+    let (status, body) = scrape.unwrap_or_else(|e| panic!("GET /metrics: {e}\n{ctx}"));
+    assert_eq!(status, 200, "{body}\n{ctx}");
+    assert!(
+        body.contains("pg_up{target=\"down\"} 0"),
+        "/metrics must say pg_up 0:\n{body}\n{ctx}"
+    );
+    let attempts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cannot connect"))
+        .collect();
+    assert!(
+        (2..=6).contains(&attempts.len()),
+        "expected 2..=6 'cannot connect' lines in 8 s (backoff 1s, 2s, 4s), got {}:\n{}\n{ctx}",
+        attempts.len(),
+        attempts.join("\n")
+    );
+    assert!(
+        !log.contains("s3cretpw"),
+        "the password leaked into the log\n{ctx}"
+    );
+    assert!(
+        !body.contains("s3cretpw"),
+        "the password leaked into /metrics:\n{body}"
+    );
+    assert!(!log.contains("panicked"), "{ctx}");
+}
