@@ -231,10 +231,9 @@ fn good_config_prints_the_plan() {
         "the plan lists the database collector\n{ctx}"
     );
     assert!(
-        stdout
-            .lines()
-            .any(|l| l.trim_start().starts_with("PostgreSQL 13:")),
-        "the plan shows the variant per version\n{ctx}"
+        stdout.lines().any(|l| l.trim_start()
+            == "PostgreSQL 13: queries[0] (<= 13); 14-16: queries[1] (14 to 16); 17-18: queries[2] (>= 17)"),
+        "the plan shows the statements variant per version\n{ctx}"
     );
     assert!(stdout.contains("config OK"), "{ctx}");
     assert!(

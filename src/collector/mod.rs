@@ -14,6 +14,34 @@ use pack::{Catalog, Scope};
 /// The PostgreSQL majors pgvigil supports; the plan shows the variant chosen for each.
 pub const SUPPORTED_MAJORS: &[u32] = &[13, 14, 15, 16, 17, 18];
 
+/// Which SQL variant each supported major gets, runs of equal choices grouped:
+/// `PostgreSQL 13: queries[0] (<= 13); 14-16: queries[1] (14 to 16); 17-18: queries[2] (>= 17)`.
+fn variant_plan(queries: &pack::Variants) -> String {
+    let mut groups: Vec<(u32, u32, Option<usize>)> = Vec::new();
+    for &major in SUPPORTED_MAJORS {
+        let chosen = queries.resolve_index(major * 10_000);
+        match groups.last_mut() {
+            Some((_, last, c)) if *c == chosen => *last = major,
+            _ => groups.push((major, major, chosen)),
+        }
+    }
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(a, b, chosen)| {
+            let span = if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            };
+            match chosen {
+                Some(i) => format!("{span}: queries[{i}] ({})", queries.0[*i].range_text()),
+                None => format!("{span}: skipped (no variant)"),
+            }
+        })
+        .collect();
+    format!("PostgreSQL {}", parts.join("; "))
+}
+
 /// A human-readable plan: targets, then each collector with its interval, timeout and the
 /// SQL variant each supported server version gets.
 pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
@@ -43,17 +71,7 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
         if let Some(ext) = &c.requires.extension {
             let _ = writeln!(out, "      requires extension {ext}");
         }
-        for major in SUPPORTED_MAJORS {
-            let chosen = c.queries.resolve_index(major * 10_000);
-            let _ = match chosen {
-                Some(i) => writeln!(
-                    out,
-                    "      PostgreSQL {major}: queries[{i}] ({})",
-                    c.queries.0[i].range_text()
-                ),
-                None => writeln!(out, "      PostgreSQL {major}: skipped (no variant)"),
-            };
-        }
+        let _ = writeln!(out, "      {}", variant_plan(&c.queries));
     }
     for note in &catalog.notes {
         let _ = writeln!(out, "note: {note}");
