@@ -96,8 +96,33 @@ fn promtool_accepts_the_exposition_and_prometheus_scrapes_it() {
         .unwrap()
         .parse()
         .unwrap();
-    wait_for(&run, WAIT, "pg_settings_max_connections", |s| {
-        value(s, "pg_settings_max_connections", &[("target", "t1")])
+    // A steady workload so statements have windows while Prometheus scrapes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workload = {
+        let stop = stop.clone();
+        let dsn = pg.dsn();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = Command::new("psql")
+                    .args(["-X", "-q", "-d", &dsn, "-c", "SELECT pg_sleep(0.01)"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    struct Stop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _stop = Stop(stop);
+    // Lint only once every family is there, statements and windows included.
+    wait_for(&run, WAIT, "settings, statements and window stddev", |s| {
+        value(s, "pg_settings_max_connections", &[("target", "t1")])?;
+        (!find(s, "pg_stat_statements_window_exec_seconds_stddev", &[]).is_empty()).then_some(())
     });
 
     // (a) promtool lints the plain text exposition (0.0.4).
@@ -175,4 +200,42 @@ fn promtool_accepts_the_exposition_and_prometheus_scrapes_it() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+
+    // pg_stat_statements through Prometheus: a rate over the counters, and the window
+    // stddev gauge.
+    let deadline = Instant::now() + PROMETHEUS_WAIT;
+    loop {
+        let rate = query(
+            port,
+            "rate(pg_stat_statements_calls_total{target=\"t1\"}[1m])",
+        );
+        let sd = query(
+            port,
+            "pg_stat_statements_window_exec_seconds_stddev{target=\"t1\"}",
+        );
+        match (&rate, &sd) {
+            (Ok(r), Ok(sd)) if !r.is_empty() && !sd.is_empty() => {
+                assert!(
+                    r.iter().any(|(_, v)| *v > 0.0),
+                    "some statement has a rate: {r:?}"
+                );
+                assert!(sd.iter().all(|(_, v)| v.is_finite() && *v >= 0.0), "{sd:?}");
+                println!(
+                    "rate(calls_total[1m]): {} series; window stddev: {} series",
+                    r.len(),
+                    sd.len()
+                );
+                break;
+            }
+            _ => last = format!("rate: {rate:?}\nstddev: {sd:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus has no pg_stat_statements series\nlast answer:\n{last}\n--- prometheus log ---\n{}",
+            prom_log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(_stop);
+    let _ = workload.join();
 }
