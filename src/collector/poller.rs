@@ -271,9 +271,9 @@ impl TargetPoller {
                 ));
             }
         }
-        let mut config = self.target.pg.0.clone();
-        config.dbname(db);
-        match postgres::connect(&config, self.defaults.timeout.0).await {
+        let mut dsn = self.target.pg.clone();
+        dsn.0.dbname(db);
+        match postgres::connect(&dsn, self.defaults.timeout.0).await {
             Ok((client, info)) => {
                 if guard.failures > 0 {
                     tracing::info!(target = %self.target.name, database = db, "reconnected after {} failed attempts", guard.failures);
@@ -297,7 +297,7 @@ impl TargetPoller {
                     target = %self.target.name,
                     database = db,
                     "cannot connect to {}: {}; retrying in {:.1}s",
-                    describe(&config),
+                    describe(&dsn.0),
                     e.message,
                     backoff.as_secs_f64()
                 );

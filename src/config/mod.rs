@@ -2,17 +2,19 @@
 //! validation. Every problem is reported with file, line and field; nothing here touches
 //! the network.
 
+mod dsn;
 mod types;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
+pub use dsn::Dsn;
 pub use types::{from_str_de, Interval, LabelName, MetricName, Pattern};
 
+use crate::postgres::tls::{TlsParams, TlsSettings};
 use crate::yaml::{self, YamlError};
 
 /// Default address of `/metrics` (postgres_exporter's well-known port).
@@ -173,34 +175,6 @@ pub struct TargetConfig {
     /// Which databases `scope: database` collectors visit.
     #[serde(default)]
     pub databases: DatabaseFilter,
-}
-
-/// A parsed connection string. Its `Debug` never shows the password.
-#[derive(Clone)]
-pub struct Dsn(pub tokio_postgres::Config);
-
-impl std::fmt::Debug for Dsn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&describe(&self.0))
-    }
-}
-
-impl FromStr for Dsn {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        tokio_postgres::Config::from_str(s).map(Dsn).map_err(|e| {
-            match std::error::Error::source(&e) {
-                Some(cause) => format!("invalid connection string: {cause}"),
-                None => format!("{e}"),
-            }
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for Dsn {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        from_str_de(d)
-    }
 }
 
 /// `host:port/dbname user=…` for logs: never the password.
@@ -419,7 +393,7 @@ impl Config {
                 labels.extend(t.labels.iter().map(|(k, v)| (k.0.clone(), v.clone())));
                 Ok(Target {
                     name: t.name.clone(),
-                    pg: Dsn(pg),
+                    pg: Dsn(pg, t.dsn.1.clone()),
                     labels,
                     databases: t.databases.clone(),
                 })
@@ -429,7 +403,8 @@ impl Config {
 }
 
 /// One target from `DATA_SOURCE_NAME`, else from `PGHOST`, `PGPORT`, `PGUSER`,
-/// `PGDATABASE`, `PGSSLMODE`, `PGAPPNAME` (libpq's defaults for the rest).
+/// `PGDATABASE`, `PGAPPNAME` and the TLS variables `PGSSLMODE`, `PGSSLROOTCERT`,
+/// `PGSSLCERT`, `PGSSLKEY` (libpq's defaults for the rest).
 fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig, ConfigError> {
     let dsn = match env("DATA_SOURCE_NAME") {
         Some(s) => s
@@ -454,16 +429,9 @@ fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig,
             if let Some(app) = env("PGAPPNAME") {
                 pg.application_name(app);
             }
-            if let Some(mode) = env("PGSSLMODE") {
-                pg.ssl_mode(match mode.as_str() {
-                    "disable" => tokio_postgres::config::SslMode::Disable,
-                    "require" | "verify-ca" | "verify-full" => {
-                        tokio_postgres::config::SslMode::Require
-                    }
-                    _ => tokio_postgres::config::SslMode::Prefer,
-                });
-            }
-            Dsn(pg)
+            let tls = tls_from_env(env)?;
+            pg.ssl_mode(tls.driver_mode());
+            Dsn(pg, tls)
         }
     };
     let name = {
@@ -477,6 +445,20 @@ fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig,
         labels: BTreeMap::new(),
         databases: DatabaseFilter::default(),
     })
+}
+
+/// TLS settings from libpq's `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`;
+/// errors name the variable.
+fn tls_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TlsSettings, ConfigError> {
+    let mut params = TlsParams::default();
+    for key in ["sslmode", "sslrootcert", "sslcert", "sslkey"] {
+        if let Some(value) = env(&format!("PG{}", key.to_uppercase())) {
+            params.set(key, value);
+        }
+    }
+    let home = env("HOME").filter(|h| !h.is_empty()).map(PathBuf::from);
+    TlsSettings::resolve(&params, home.as_deref())
+        .map_err(|e| ConfigError::Invalid(format!("PG{}: {}", e.param.to_uppercase(), e.message)))
 }
 
 #[cfg(test)]
@@ -526,6 +508,64 @@ mod tests {
         let f = DatabaseFilter::default();
         assert!(f.matches("postgres"));
         assert!(!f.matches("template1"));
+    }
+
+    #[test]
+    fn env_target_takes_the_libpq_tls_variables() {
+        use crate::postgres::tls::{RootCerts, SslMode};
+        let env = |k: &str| match k {
+            "PGHOST" => Some("db1".to_string()),
+            "PGSSLROOTCERT" => Some("system".to_string()),
+            _ => None,
+        };
+        let mut c = Config::default();
+        c.apply_env(&env).unwrap();
+        let dsn = &c.targets[0].dsn;
+        // libpq 16: sslrootcert=system makes verify-full the default.
+        assert_eq!(dsn.1.mode, SslMode::VerifyFull);
+        assert_eq!(dsn.1.root_cert, Some(RootCerts::System));
+        assert_eq!(
+            dsn.0.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+
+        let env = |k: &str| match k {
+            "PGSSLMODE" => Some("verify-ca".to_string()),
+            "PGSSLROOTCERT" => Some("/nonexistent/ca.crt".to_string()),
+            _ => None,
+        };
+        let e = Config::default().apply_env(&env).unwrap_err().to_string();
+        assert!(
+            e.starts_with("PGSSLROOTCERT: cannot read \"/nonexistent/ca.crt\""),
+            "{e}"
+        );
+
+        let env = |k: &str| (k == "PGSSLMODE").then(|| "on".to_string());
+        let e = Config::default().apply_env(&env).unwrap_err().to_string();
+        assert!(e.starts_with("PGSSLMODE: invalid value \"on\""), "{e}");
+
+        let env = |k: &str| (k == "PGSSLMODE").then(|| "disable".to_string());
+        let mut c = Config::default();
+        c.apply_env(&env).unwrap();
+        assert_eq!(c.targets[0].dsn.1.mode, SslMode::Disable);
+    }
+
+    #[test]
+    fn tls_errors_name_file_line_and_field() {
+        let e = parse("targets:\n  - name: a\n    dsn: \"host=h sslmode=verify-ca sslrootcert='/nonexistent/ca.crt'\"\n")
+            .unwrap_err();
+        assert!(e.starts_with("pgvigil.yaml:3:"), "{e}");
+        assert!(
+            e.contains("targets[0].dsn: sslrootcert: cannot read \"/nonexistent/ca.crt\""),
+            "{e}"
+        );
+        let e = parse("targets:\n  - name: a\n    dsn: postgresql://u:pw@h/db?sslmode=verify\n")
+            .unwrap_err();
+        assert!(
+            e.contains("targets[0].dsn: sslmode: invalid value \"verify\""),
+            "{e}"
+        );
+        assert!(!e.contains("pw@"), "{e}");
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //! learnt on connect (server version, installed extensions), running one collector query
 //! inside a read-only transaction with its own timeouts, and classifying errors.
 
+pub mod tls;
 pub mod value;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, Row};
+
+use crate::config::Dsn;
 
 /// Facts about the connected database, read once per connection.
 #[derive(Debug, Clone, Default)]
@@ -92,19 +95,27 @@ impl PgError {
 }
 
 /// Opens a session for monitoring: read-only, `application_name` set by the caller's
-/// config, and reads the server's facts.
+/// config, TLS as the DSN's `sslmode` says ([`tls`]), and reads the server's facts.
 pub async fn connect(
-    config: &tokio_postgres::Config,
+    dsn: &Dsn,
     connect_timeout: Duration,
 ) -> Result<(Client, ServerInfo), PgError> {
+    let Dsn(config, tls_settings) = dsn;
     let mut config = config.clone();
     config.connect_timeout(connect_timeout);
+    tls::prepare_driver_config(&mut config, tls_settings);
+    // Built per session: certificate files are read again, so rotated ones are used.
+    let connector = tls::connector(tls_settings)
+        .map_err(|e| PgError::new(ErrorKind::Connect, format!("TLS: {e}")))?;
     // The driver's message can quote the connection string parameters but never the
     // password; still, keep only its text.
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| PgError::new(ErrorKind::Connect, connect_message(&e)))?;
+    let (client, connection) = config.connect(connector).await.map_err(|e| {
+        let mut message = connect_message(&e);
+        if tls::is_certificate_rejected(&e) {
+            message.push_str(&format!(" ({})", tls_settings.describe_verification()));
+        }
+        PgError::new(ErrorKind::Connect, message)
+    })?;
     tokio::spawn(async move {
         // Ends when the server goes away or the client is dropped; the next use of the
         // client sees `is_closed()` and reconnects.

@@ -189,7 +189,7 @@ impl Sampler {
                 if tokio::time::Instant::now() < retry_at {
                     continue;
                 }
-                match postgres::connect(&self.target.pg.0, self.every.max(Duration::from_secs(5)))
+                match postgres::connect(&self.target.pg, self.every.max(Duration::from_secs(5)))
                     .await
                 {
                     Ok((c, _)) => {
