@@ -9,21 +9,26 @@
 //! `progress_ratio` of the current phase), and a phase change starts a new series.
 //!
 //! 1. **Rate of the current phase**: the least-squares slope of ratio over time across the
-//!    last [`WINDOW`] samples of the phase. A fit over a sliding window, rather than the
-//!    last two polls or an EWMA of instantaneous rates, weights every sample in the window
-//!    equally, so one late poll or one coarse progress step moves the slope by about
-//!    1/[`WINDOW`] of its error instead of all of it: the ETA does not jump between polls,
-//!    and it follows a real change of speed within one window.
+//!    last [`WINDOW`] samples of the phase. With a fit over a sliding window, rather than
+//!    the rate between the last two polls (or an EWMA of such rates, which still feeds on
+//!    two-point differences and lags by an arbitrary factor), one late poll or one coarse
+//!    progress step is averaged with the other samples instead of setting the rate on its
+//!    own: the ETA does not jump between polls, and a real change of speed is followed
+//!    within one window, after which the old speed is forgotten entirely.
 //! 2. **Remaining time of the phase**: `(1 - ratio) / slope`.
 //! 3. **The phases still to come**, which cannot be measured before they start, are
 //!    predicted from a model of a B-tree build: each phase's expected duration relative to
 //!    the table scan ([`BUILD_PHASES`], [`VALIDATION_PHASES`]), scaled by this build's own
 //!    scan duration (measured while it scanned, else derived from the current phase's
-//!    speed and weight). The weights come from builds on PostgreSQL 15 (10-15 M rows, text
-//!    and integer keys, `maintenance_work_mem` 1 MB-64 MB), where the sort and load after
-//!    the scan took 0.4-2.7x the scan time (median about 1.3x, the value used): during the
-//!    table scan the ETA is a model and can be off by that spread; in the last measured
-//!    phase (loading tuples for `CREATE INDEX`/`REINDEX`) it is a pure measurement.
+//!    speed and weight). The weights come from measured builds on PostgreSQL 15 (5-20 M
+//!    rows; integer, C-collated and ICU-collated text keys; `maintenance_work_mem` 1 MB to
+//!    64 MB; one 2-core machine): the sort and load after the scan took 0.4-2.7x the scan
+//!    (0.8-2.2x for builds over 10 s), about 1.3x in the middle - the value used. So during
+//!    the table scan the ETA rests on that model and is off by as much as a build departs
+//!    from it (a low `maintenance_work_mem` makes the sort longer: the 1 MB build of
+//!    `tests/indexes.rs` spends ~2x its scan afterwards, and its scan-time ETAs are 0.6-0.9x
+//!    the truth); in the last measured phase (loading tuples, for `CREATE INDEX` and
+//!    `REINDEX`) it is a measurement alone.
 //!
 //! The ETA is **absent** whenever it would be a guess rather than an estimate: fewer than
 //! [`MIN_SAMPLES`] samples in the phase, no progress across the window (a stalled build),

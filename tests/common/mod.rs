@@ -312,7 +312,7 @@ pub struct Session {
 }
 
 /// A statement started with [`Session::start`], still running or done.
-pub struct Pending(tokio::task::JoinHandle<Result<(), String>>);
+pub struct Pending(tokio::task::JoinHandle<(Result<(), String>, Instant)>);
 
 fn db_error(e: tokio_postgres::Error) -> String {
     match e.as_db_error() {
@@ -361,10 +361,10 @@ impl Session {
     pub fn start(&self, sql: &str) -> Pending {
         let client = std::sync::Arc::clone(&self.client);
         let sql = sql.to_string();
-        Pending(
-            session_runtime()
-                .spawn(async move { client.batch_execute(&sql).await.map_err(db_error) }),
-        )
+        Pending(session_runtime().spawn(async move {
+            let result = client.batch_execute(&sql).await.map_err(db_error);
+            (result, Instant::now())
+        }))
     }
 }
 
@@ -375,9 +375,14 @@ impl Pending {
 
     /// Waits for the statement to end; its result, or an error after `timeout`.
     pub fn wait(self, timeout: Duration) -> Result<(), String> {
+        self.wait_ended(timeout).map(|_| ())
+    }
+
+    /// Like [`Pending::wait`], and when the statement ended (measured as it ended).
+    pub fn wait_ended(self, timeout: Duration) -> Result<Instant, String> {
         session_runtime().block_on(async {
             match tokio::time::timeout(timeout, self.0).await {
-                Ok(Ok(result)) => result,
+                Ok(Ok((result, ended))) => result.map(|()| ended),
                 Ok(Err(e)) => Err(format!("statement task failed: {e}")),
                 Err(_) => Err(format!("statement still running after {timeout:?}")),
             }
