@@ -77,20 +77,33 @@ pub fn start_pollers(
     catalog: &Catalog,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(Arc<Store>, Vec<Arc<TargetPoller>>), StartError> {
+    let (store, pollers) = pollers(config, catalog)?;
+    for p in &pollers {
+        p.spawn(shutdown.clone());
+    }
+    Ok((store, pollers))
+}
+
+/// A poller per target, all writing into one new store; nothing started yet.
+pub fn pollers(
+    config: &Config,
+    catalog: &Catalog,
+) -> Result<(Arc<Store>, Vec<Arc<TargetPoller>>), StartError> {
     let store = Store::new();
     let collectors = Arc::new(catalog.collectors.clone());
-    let mut pollers = Vec::new();
-    for target in config.resolve_targets(&process_env)? {
-        let p = TargetPoller::new(
-            target,
-            Arc::clone(&collectors),
-            config.collectors.defaults,
-            config.statements,
-            Arc::clone(&store),
-        );
-        p.spawn(shutdown.clone());
-        pollers.push(p);
-    }
+    let pollers = config
+        .resolve_targets(&process_env)?
+        .into_iter()
+        .map(|target| {
+            TargetPoller::new(
+                target,
+                Arc::clone(&collectors),
+                config.collectors.defaults,
+                config.statements,
+                Arc::clone(&store),
+            )
+        })
+        .collect();
     Ok((store, pollers))
 }
 
@@ -228,16 +241,8 @@ async fn next_hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
 /// Polls every collector of every target once and returns the metrics text (0.0.4).
 pub async fn once(config: &Config) -> Result<String, StartError> {
     let catalog = Catalog::load(&config.collectors)?;
-    let store = Store::new();
-    let collectors = Arc::new(catalog.collectors.clone());
-    for target in config.resolve_targets(&process_env)? {
-        let p = TargetPoller::new(
-            target,
-            Arc::clone(&collectors),
-            config.collectors.defaults,
-            config.statements,
-            Arc::clone(&store),
-        );
+    let (store, pollers) = pollers(config, &catalog)?;
+    for p in pollers {
         p.poll_all_once().await;
     }
     Ok(exposition::encode(

@@ -535,23 +535,7 @@ mod tests {
         assert!(tracker.is_empty());
     }
 
-    /// A row as (column, number, label).
-    struct Fake(Vec<(&'static str, Option<f64>, &'static str)>);
-
-    impl Columns for Fake {
-        fn index_of(&self, column: &str) -> Option<usize> {
-            self.0.iter().position(|c| c.0 == column)
-        }
-        fn columns(&self) -> Vec<String> {
-            self.0.iter().map(|c| c.0.to_string()).collect()
-        }
-        fn number(&self, idx: usize) -> Result<Option<f64>, String> {
-            Ok(self.0[idx].1)
-        }
-        fn label(&self, idx: usize) -> Result<String, String> {
-            Ok(self.0[idx].2.to_string())
-        }
-    }
+    use crate::collector::rows::fixtures::Fake;
 
     fn row(ratio: Option<f64>) -> Fake {
         Fake(vec![
@@ -564,14 +548,23 @@ mod tests {
         ])
     }
 
+    fn test_def() -> crate::collector::pack::CollectorDef {
+        serde_yaml_ng::from_str(
+            "name: p\nhelp: h\nqueries: [{sql: x}]\nmetrics:\n  - {name: r, type: gauge, help: h, value: progress_ratio}\n",
+        )
+        .unwrap()
+    }
+
     #[test]
     fn processor_adds_the_eta_family_with_the_build_labels() {
         let base = vec![(Arc::<str>::from("target"), "t1".to_string())];
         let t0 = Instant::now();
         let mut p = ProgressProcessor::default();
         let mut last = Vec::new();
+        let def = test_def();
         for t in 0..3 {
             let ctx = Context {
+                def: &def,
                 base_labels: &base,
                 database: "app",
                 now: at(t0, t as f64),
@@ -604,6 +597,7 @@ mod tests {
 
         let bad = Fake(vec![("pid", Some(1.0), "")]);
         let ctx = Context {
+            def: &def,
             base_labels: &base,
             database: "app",
             now: t0,

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use tokio_postgres::Row;
 
-use crate::collector::pack::MetricType;
+use crate::collector::pack::{CollectorDef, MetricDef, MetricType};
 use crate::collector::processor::{Context, Processor};
 use crate::collector::rows::Columns;
 use crate::postgres::{ErrorKind, PgError};
@@ -52,13 +52,25 @@ type Key = [String; 4];
 /// `pg_stat_statements_info` (dealloc, stats_reset); absent before 14.
 type Info = (Option<f64>, Option<f64>);
 
-/// One row of the statements query.
+/// One row of the statements query: its key, cumulative timing and row index.
 #[derive(Debug, Clone)]
 struct Entry {
     key: Key,
     cum: Cumulative,
     stats_since: Option<f64>,
-    query: String,
+    /// Index of the row it came from.
+    row: usize,
+}
+
+/// What [`StatementsProcessor::select_rows`] decided, for the rest of the same poll.
+#[derive(Default)]
+struct Poll {
+    entries: Vec<Entry>,
+    info: Option<Info>,
+    /// Window of each entry that has one, by entry index.
+    windows: HashMap<usize, Window>,
+    scores: HashMap<Key, f64>,
+    members: HashSet<Key>,
 }
 
 /// State kept between polls of one target.
@@ -69,32 +81,41 @@ pub struct StatementsProcessor {
     prev_info: Option<Info>,
     scores: HashMap<Key, f64>,
     members: HashSet<Key>,
+    /// Set by `select`, consumed by `process` of the same poll.
+    poll: Option<Poll>,
 }
 
 impl Processor for StatementsProcessor {
+    /// Only the top-N rows go through the YAML mapping: with thousands of statements,
+    /// building every per-query series only to sum most of them away would cost far more
+    /// memory and CPU than the exposition itself.
+    fn select(&mut self, rows: &[Row], ctx: &Context) -> Result<Option<Vec<usize>>, PgError> {
+        self.select_rows(rows, ctx.statements.top_n).map(Some)
+    }
+
     fn process(
         &mut self,
         rows: &[Row],
         families: Vec<Family>,
         ctx: &Context,
     ) -> Result<Vec<Family>, PgError> {
-        self.process_rows(
+        self.finish(
             rows,
             families,
+            ctx.def,
             ctx.base_labels,
-            ctx.statements.top_n,
             ctx.statements.query_max_len,
         )
     }
 }
 
+fn decode_error(e: impl std::fmt::Display) -> PgError {
+    PgError::new(ErrorKind::Decode, format!("statements processor: {e}"))
+}
+
 fn column<R: Columns>(row: &R, name: &str) -> Result<usize, PgError> {
-    row.index_of(name).ok_or_else(|| {
-        PgError::new(
-            ErrorKind::Decode,
-            format!("statements processor: the query must return a column {name:?}"),
-        )
-    })
+    row.index_of(name)
+        .ok_or_else(|| decode_error(format!("the query must return a column {name:?}")))
 }
 
 fn parse_rows<R: Columns>(rows: &[R]) -> Result<(Vec<Entry>, Option<Info>), PgError> {
@@ -102,11 +123,12 @@ fn parse_rows<R: Columns>(rows: &[R]) -> Result<(Vec<Entry>, Option<Info>), PgEr
         return Ok((Vec::new(), None));
     };
     let idx = |n: &str| column(first, n);
+    let keys = KEY_LABELS.map(idx);
     let keys = [
-        idx("datname")?,
-        idx("user")?,
-        idx("queryid")?,
-        idx("toplevel")?,
+        keys[0].clone()?,
+        keys[1].clone()?,
+        keys[2].clone()?,
+        keys[3].clone()?,
     ];
     let (calls, total, mean, stddev) = (
         idx("calls")?,
@@ -114,18 +136,17 @@ fn parse_rows<R: Columns>(rows: &[R]) -> Result<(Vec<Entry>, Option<Info>), PgEr
         idx("exec_seconds_mean")?,
         idx("exec_seconds_stddev")?,
     );
-    let (since, query) = (idx("stats_since")?, idx("query")?);
+    let since = idx("stats_since")?;
     let (dealloc, reset) = (idx("dealloc")?, idx("info_reset")?);
-    let decode = |e: String| PgError::new(ErrorKind::Decode, format!("statements processor: {e}"));
-    let num = |r: &R, i: usize| r.number(i).map_err(decode);
+    let num = |r: &R, i: usize| r.number(i).map_err(decode_error);
     let info = Some((num(first, dealloc)?, num(first, reset)?));
     let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
+    for (row, r) in rows.iter().enumerate() {
         let key = [
-            r.label(keys[0]).map_err(decode)?,
-            r.label(keys[1]).map_err(decode)?,
-            r.label(keys[2]).map_err(decode)?,
-            r.label(keys[3]).map_err(decode)?,
+            r.label(keys[0]).map_err(decode_error)?,
+            r.label(keys[1]).map_err(decode_error)?,
+            r.label(keys[2]).map_err(decode_error)?,
+            r.label(keys[3]).map_err(decode_error)?,
         ];
         let cum = Cumulative {
             calls: num(r, calls)?.unwrap_or(0.0).max(0.0) as u64,
@@ -137,22 +158,10 @@ fn parse_rows<R: Columns>(rows: &[R]) -> Result<(Vec<Entry>, Option<Info>), PgEr
             key,
             cum,
             stats_since: num(r, since)?,
-            query: r.label(query).map_err(decode)?,
+            row,
         });
     }
     Ok((out, info))
-}
-
-/// The entry key of a sample, read from its labels.
-fn key_of(labels: &[(Arc<str>, String)]) -> Key {
-    let get = |n: &str| {
-        labels
-            .iter()
-            .find(|(k, _)| k.as_ref() == n)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    KEY_LABELS.map(get)
 }
 
 /// Picks the members for this poll: see the module docs for the hysteresis rules.
@@ -167,9 +176,10 @@ fn select(scores: &HashMap<Key, f64>, members: &HashSet<Key>, n: usize) -> HashS
         .copied()
         .collect();
     chosen.truncate(n);
+    let taken: HashSet<&Key> = chosen.iter().map(|(k, _)| *k).collect();
     let mut outsiders = ranked
         .iter()
-        .filter(|(k, _)| !chosen.iter().any(|(c, _)| c == k))
+        .filter(|(k, _)| !taken.contains(k))
         .copied()
         .collect::<Vec<_>>()
         .into_iter();
@@ -196,21 +206,15 @@ fn select(scores: &HashMap<Key, f64>, members: &HashSet<Key>, n: usize) -> HashS
 }
 
 impl StatementsProcessor {
-    fn process_rows<R: Columns>(
-        &mut self,
-        rows: &[R],
-        families: Vec<Family>,
-        base: &[(Arc<str>, String)],
-        top_n: usize,
-        query_max_len: usize,
-    ) -> Result<Vec<Family>, PgError> {
+    /// Reads every row's key and timing, computes windows and scores, picks the members;
+    /// returns the rows of the members (the only ones mapped to per-query series).
+    fn select_rows<R: Columns>(&mut self, rows: &[R], top_n: usize) -> Result<Vec<usize>, PgError> {
         let (entries, info) = parse_rows(rows)?;
         // On 14-16 an eviction or reset shows only in pg_stat_statements_info.
         let info_changed = matches!((&self.prev_info, &info), (Some(a), Some(b)) if a != b);
-
-        let mut windows: HashMap<&Key, Window> = HashMap::new();
+        let mut windows = HashMap::new();
         let mut scores = HashMap::with_capacity(entries.len());
-        for e in &entries {
+        for (i, e) in entries.iter().enumerate() {
             let w = match self.prev.get(&e.key) {
                 Some((_, since)) if *since != e.stats_since => None,
                 Some(_) if info_changed && e.stats_since.is_none() => None,
@@ -224,68 +228,126 @@ impl StatementsProcessor {
             };
             scores.insert(e.key.clone(), score);
             if let Some(w) = w {
-                windows.insert(&e.key, w);
+                windows.insert(i, w);
             }
         }
         let members = select(&scores, &self.members, top_n);
+        let member_rows = entries
+            .iter()
+            .filter(|e| members.contains(&e.key))
+            .map(|e| e.row)
+            .collect();
+        self.poll = Some(Poll {
+            entries,
+            info,
+            windows,
+            scores,
+            members,
+        });
+        Ok(member_rows)
+    }
 
-        let mut out = Vec::with_capacity(families.len() + EXTRA_METRICS.len());
-        for f in families {
-            out.push(bound(f, &members));
+    /// Completes the poll: `families` are the members' per-query series; adds `other`,
+    /// windows, query text and the info metrics, and remembers this poll for the next.
+    fn finish<R: Columns>(
+        &mut self,
+        rows: &[R],
+        mut families: Vec<Family>,
+        def: &CollectorDef,
+        base: &[(Arc<str>, String)],
+        query_max_len: usize,
+    ) -> Result<Vec<Family>, PgError> {
+        let poll = match self.poll.take() {
+            Some(p) => p,
+            None => {
+                // `select` did not run (cannot happen through the poller); do it now.
+                self.select_rows(rows, usize::MAX)?;
+                self.poll.take().unwrap_or_default()
+            }
+        };
+        let others: Vec<usize> = poll
+            .entries
+            .iter()
+            .filter(|e| !poll.members.contains(&e.key))
+            .map(|e| e.row)
+            .collect();
+        for (family, metric) in families.iter_mut().zip(&def.metrics.0) {
+            if metric.kind == MetricType::Counter {
+                family
+                    .samples
+                    .extend(other_samples(rows, &others, metric, base)?);
+            }
         }
-        out.extend(window_families(&entries, &windows, &members, base));
-        out.push(query_info(&entries, &members, base, query_max_len));
-        if let Some((dealloc, reset)) = info {
-            out.extend(info_families(dealloc, reset, base));
+        families.extend(window_families(&poll, base));
+        families.push(query_info(rows, &poll, base, query_max_len)?);
+        if let Some((dealloc, reset)) = poll.info {
+            families.extend(info_families(dealloc, reset, base));
         }
-
-        self.prev = entries
+        self.prev = poll
+            .entries
             .iter()
             .map(|e| (e.key.clone(), (e.cum, e.stats_since)))
             .collect();
-        self.prev_info = info;
-        self.scores = scores;
-        self.members = members;
-        Ok(out)
+        self.prev_info = poll.info;
+        self.scores = poll.scores;
+        self.members = poll.members;
+        Ok(families)
     }
 }
 
-/// Keeps members' samples; sums non-members' counters into `queryid="other"`.
-fn bound(mut f: Family, members: &HashSet<Key>) -> Family {
-    let mut kept = Vec::with_capacity(members.len() + 8);
-    let mut other: Vec<Sample> = Vec::new();
-    let mut other_at: HashMap<Vec<(Arc<str>, String)>, usize> = HashMap::new();
-    for s in f.samples.drain(..) {
-        if members.contains(&key_of(&s.labels)) {
-            kept.push(s);
+/// The sum of a counter over the non-member rows, one sample per combination of its
+/// other labels, with `queryid="other"` and `toplevel=""`.
+fn other_samples<R: Columns>(
+    rows: &[R],
+    others: &[usize],
+    metric: &MetricDef,
+    base: &[(Arc<str>, String)],
+) -> Result<Vec<Sample>, PgError> {
+    let (Some(first), Some(value)) = (rows.first(), metric.value.as_deref()) else {
+        return Ok(Vec::new());
+    };
+    let value = column(first, value)?;
+    let labels = metric
+        .labels
+        .iter()
+        .map(|l| column(first, &l.0).map(|i| (l.0.as_str(), i)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut sums: Vec<(Vec<String>, f64)> = Vec::new();
+    let mut at: HashMap<Vec<String>, usize> = HashMap::new();
+    for &r in others {
+        let Some(row) = rows.get(r) else { continue };
+        let Some(v) = row.number(value).map_err(decode_error)? else {
             continue;
+        };
+        let mut key = Vec::with_capacity(labels.len());
+        for (name, i) in &labels {
+            key.push(match *name {
+                "queryid" => "other".to_string(),
+                "toplevel" => String::new(),
+                _ => row.label(*i).map_err(decode_error)?,
+            });
         }
-        if f.kind != MetricType::Counter {
-            continue;
-        }
-        let labels: Vec<(Arc<str>, String)> = s
-            .labels
-            .iter()
-            .map(|(k, v)| match k.as_ref() {
-                "queryid" => (k.clone(), "other".to_string()),
-                "toplevel" => (k.clone(), String::new()),
-                _ => (k.clone(), v.clone()),
-            })
-            .collect();
-        match other_at.get(&labels) {
-            Some(&i) => other[i].value += s.value,
+        match at.get(&key) {
+            Some(&i) => sums[i].1 += v,
             None => {
-                other_at.insert(labels.clone(), other.len());
-                other.push(Sample {
-                    labels,
-                    value: s.value,
-                });
+                at.insert(key.clone(), sums.len());
+                sums.push((key, v));
             }
         }
     }
-    kept.extend(other);
-    f.samples = kept;
-    f
+    Ok(sums
+        .into_iter()
+        .map(|(values, value)| {
+            let mut l = base.to_vec();
+            for ((name, _), v) in labels.iter().zip(values) {
+                l.push((Arc::from(*name), v));
+            }
+            for (k, v) in &metric.static_labels {
+                l.push((Arc::from(k.0.as_str()), v.clone()));
+            }
+            Sample { labels: l, value }
+        })
+        .collect())
 }
 
 fn key_labels(base: &[(Arc<str>, String)], key: &Key) -> Vec<(Arc<str>, String)> {
@@ -305,12 +367,7 @@ fn gauge(name: &str, help: &str) -> Family {
     }
 }
 
-fn window_families(
-    entries: &[Entry],
-    windows: &HashMap<&Key, Window>,
-    members: &HashSet<Key>,
-    base: &[(Arc<str>, String)],
-) -> Vec<Family> {
+fn window_families(poll: &Poll, base: &[(Arc<str>, String)]) -> Vec<Family> {
     let mut calls = gauge(
         "pg_stat_statements_window_calls",
         "Executions between the last two polls.",
@@ -323,8 +380,11 @@ fn window_families(
         "pg_stat_statements_window_exec_seconds_stddev",
         "Population standard deviation of execution time between the last two polls.",
     );
-    for e in entries.iter().filter(|e| members.contains(&e.key)) {
-        let Some(w) = windows.get(&e.key) else {
+    for (i, e) in poll.entries.iter().enumerate() {
+        if !poll.members.contains(&e.key) {
+            continue;
+        }
+        let Some(w) = poll.windows.get(&i) else {
             continue;
         };
         let labels = key_labels(base, &e.key);
@@ -346,27 +406,36 @@ fn window_families(
     vec![calls, mean, stddev]
 }
 
-fn query_info(
-    entries: &[Entry],
-    members: &HashSet<Key>,
+fn query_info<R: Columns>(
+    rows: &[R],
+    poll: &Poll,
     base: &[(Arc<str>, String)],
     max_len: usize,
-) -> Family {
+) -> Result<Family, PgError> {
     let mut f = Family {
         name: Arc::from("pg_stat_statements_query_info"),
         help: Arc::from("Normalized text of the top queries, literals masked and truncated."),
         kind: MetricType::Info,
         samples: Vec::new(),
     };
-    for e in entries.iter().filter(|e| members.contains(&e.key)) {
+    let Some(first) = rows.first() else {
+        return Ok(f);
+    };
+    let query = column(first, "query")?;
+    for e in poll
+        .entries
+        .iter()
+        .filter(|e| poll.members.contains(&e.key))
+    {
+        let text = rows[e.row].label(query).map_err(decode_error)?;
         let mut labels = key_labels(base, &e.key);
         labels.push((
             Arc::from("query"),
-            crate::sql::mask_literals(&e.query, max_len),
+            crate::sql::mask_literals(&text, max_len),
         ));
         f.samples.push(Sample { labels, value: 1.0 });
     }
-    f
+    Ok(f)
 }
 
 fn info_families(
@@ -435,36 +504,63 @@ mod tests {
     }
 
     #[test]
-    fn bound_sums_other_counters_and_drops_other_gauges() {
-        let sample = |q: &str, v: f64| Sample {
-            labels: vec![
-                (Arc::from("target"), "t".into()),
-                (Arc::from("datname"), "db".into()),
-                (Arc::from("user"), "u".into()),
-                (Arc::from("queryid"), q.into()),
-                (Arc::from("toplevel"), "true".into()),
-            ],
-            value: v,
+    fn only_members_are_mapped_and_the_rest_is_summed_into_other() {
+        use crate::collector::rows::fixtures::Fake;
+        let row = |q: &'static str, calls: f64, total: f64| {
+            Fake(vec![
+                ("datname", None, "db"),
+                ("user", None, "u"),
+                ("queryid", None, q),
+                ("toplevel", None, "true"),
+                ("calls", Some(calls), ""),
+                ("exec_seconds_total", Some(total), ""),
+                ("exec_seconds_mean", Some(total / calls), ""),
+                ("exec_seconds_stddev", Some(0.0), ""),
+                ("stats_since", None, ""),
+                ("dealloc", Some(0.0), ""),
+                ("info_reset", None, ""),
+                ("query", None, "SELECT 1"),
+            ])
         };
-        let members: HashSet<Key> = [key("a")].into_iter().collect();
-        let counter = Family {
-            name: Arc::from("c_total"),
-            help: Arc::from("h"),
-            kind: MetricType::Counter,
-            samples: vec![sample("a", 1.0), sample("b", 2.0), sample("c", 3.0)],
-        };
-        let f = bound(counter, &members);
-        assert_eq!(f.samples.len(), 2);
-        let other = &f.samples[1];
-        assert_eq!(other.value, 5.0);
+        let rows = vec![row("a", 10.0, 9.0), row("b", 2.0, 1.0), row("c", 3.0, 2.0)];
+        let def: CollectorDef = serde_yaml_ng::from_str(
+            "name: s\nhelp: h\nqueries: [{sql: x}]\nmetrics:\n  - {name: c_total, type: counter, help: h, value: calls, labels: [datname, user, queryid, toplevel]}\n",
+        )
+        .unwrap();
+        let base = vec![(Arc::from("target"), "t".to_string())];
+        let mut p = StatementsProcessor::default();
+        let picked = p.select_rows(&rows, 1).unwrap();
+        assert_eq!(picked, vec![0], "only the heaviest entry is mapped");
+        let member_rows: Vec<&Fake> = picked.iter().map(|&i| &rows[i]).collect();
+        let families = crate::collector::rows::to_families(&def, &member_rows, &base, "").unwrap();
+        let out = p.finish(&rows, families, &def, &base, 200).unwrap();
+        let calls = &out[0];
+        assert_eq!(calls.samples.len(), 2);
+        assert_eq!(key_of(&calls.samples[0].labels)[2], "a");
+        let other = &calls.samples[1];
+        assert_eq!(other.value, 5.0, "b + c");
         assert_eq!(key_of(&other.labels)[2], "other");
         assert_eq!(key_of(&other.labels)[3], "");
-        let g = Family {
-            kind: MetricType::Gauge,
-            ..f.clone()
-        };
-        let mut g = g;
-        g.samples = vec![sample("a", 1.0), sample("b", 2.0)];
-        assert_eq!(bound(g, &members).samples.len(), 1);
+        let info = out
+            .iter()
+            .find(|f| &*f.name == "pg_stat_statements_query_info")
+            .unwrap();
+        assert_eq!(info.samples.len(), 1);
+        assert_eq!(
+            out.iter()
+                .filter(|f| &*f.name == "pg_stat_statements_dealloc_total")
+                .count(),
+            1
+        );
+    }
+
+    fn key_of(labels: &[(Arc<str>, String)]) -> Key {
+        KEY_LABELS.map(|n| {
+            labels
+                .iter()
+                .find(|(k, _)| k.as_ref() == n)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        })
     }
 }

@@ -76,10 +76,12 @@ fn three_deep_lock_chain_is_measured_and_clears() {
     let c_done = c.start("BEGIN; SELECT * FROM accounts WHERE id = 1 FOR UPDATE; COMMIT");
     wait_until(WAIT, "C to wait", || waits_for_lock(&pg, c.pid));
 
+    // The collectors poll independently: wait until each one has seen the whole chain.
     let s = wait_for(&run, WAIT, "the chain A <- B <- C", |s| {
         let ok = app(s, "pg_locks_blocked_sessions")? == 2.0
             && app(s, "pg_locks_blocking_chain_depth_max")? == 2.0
-            && !find(s, "pg_locks_blocker_info", &[("datname", "app")]).is_empty();
+            && !find(s, "pg_locks_blocker_info", &[("datname", "app")]).is_empty()
+            && find(s, "pg_locks_waiting", &[("datname", "app")]).len() == 2;
         ok.then(|| s.to_vec())
     });
     assert_eq!(app(&s, "pg_locks_blocking_sessions"), Some(2.0), "A and B");

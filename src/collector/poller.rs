@@ -7,13 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
-use tokio_postgres::Client;
 
 use crate::collector::pack::{CollectorDef, Scope};
 use crate::collector::processor::{CollectorState, Context};
 use crate::collector::rows;
 use crate::config::{describe, CollectorDefaults, StatementsConfig, Target};
-use crate::postgres::{self, ErrorKind, PgError, ServerInfo};
+use crate::postgres::{self, ErrorKind, PgError, Session};
 use crate::store::{Snapshot, Store};
 
 /// Reconnect backoff: doubles from `BACKOFF_MIN` up to `BACKOFF_MAX`, with ±25 % jitter.
@@ -29,7 +28,7 @@ const LOG_REPEAT: Duration = Duration::from_secs(300);
 /// connection.
 #[derive(Default)]
 struct Slot {
-    client: Option<(Client, ServerInfo)>,
+    client: Option<Session>,
     failures: u32,
     next_attempt: Option<Instant>,
 }
@@ -188,9 +187,10 @@ impl TargetPoller {
     /// Runs the collector's query on `db`; `Ok(None)` when it does not apply there.
     async fn run(&self, def: &CollectorDef, db: &str) -> Result<Option<Snapshot>, PgError> {
         let mut slot = self.acquire(db).await?;
-        let Some((client, info)) = slot.client.as_ref() else {
+        let Some(session) = slot.client.as_mut() else {
             return Err(PgError::new(ErrorKind::Connect, "not connected"));
         };
+        let info = &session.info;
         let Some(variant) = def.queries.resolve(info.version_num) else {
             let v = info.version_num;
             self.once(
@@ -211,12 +211,13 @@ impl TargetPoller {
             }
         }
         let timeout = def.timeout.unwrap_or(self.defaults.timeout).0;
-        let result =
-            postgres::query(client, &variant.sql, timeout, self.defaults.lock_timeout.0).await;
+        let result = session
+            .query(&variant.sql, timeout, self.defaults.lock_timeout.0)
+            .await;
         let rows = match result {
             Ok(rows) => rows,
             Err(e) => {
-                if e.fatal || client.is_closed() {
+                if e.fatal || session.client.is_closed() {
                     slot.client = None;
                     if db == self.main_db() {
                         self.set_up(false);
@@ -226,8 +227,8 @@ impl TargetPoller {
             }
         };
         drop(slot);
-        let families = rows::to_families(def, &rows, &self.base_labels, db)?;
         let ctx = Context {
+            def,
             base_labels: &self.base_labels,
             database: db,
             now: Instant::now(),
@@ -238,6 +239,14 @@ impl TargetPoller {
         let state = states
             .entry((def.name.0.clone(), db.to_string()))
             .or_default();
+        let families = match state.select(def, &rows, &ctx)? {
+            None => rows::to_families(def, &rows, &self.base_labels, db)?,
+            Some(picked) => {
+                let subset: Vec<&tokio_postgres::Row> =
+                    picked.iter().filter_map(|&i| rows.get(i)).collect();
+                rows::to_families(def, &subset, &self.base_labels, db)?
+            }
+        };
         let families = state.apply(def, interval, &rows, families, &ctx)?;
         Ok(Some(Snapshot { families }))
     }
@@ -250,8 +259,8 @@ impl TargetPoller {
             Arc::clone(slots.entry(db.to_string()).or_default())
         };
         let mut guard = slot.lock_owned().await;
-        if let Some((client, _)) = &guard.client {
-            if !client.is_closed() {
+        if let Some(session) = &guard.client {
+            if !session.client.is_closed() {
                 return Ok(guard);
             }
             tracing::warn!(target = %self.target.name, database = db, "connection lost; reconnecting");
@@ -282,7 +291,7 @@ impl TargetPoller {
                 }
                 guard.failures = 0;
                 guard.next_attempt = None;
-                guard.client = Some((client, info));
+                guard.client = Some(Session::new(client, info));
                 if db == self.main_db() {
                     self.set_up(true);
                 }
@@ -322,18 +331,18 @@ impl TargetPoller {
         }
         let main = self.main_db();
         let listed = async {
-            let slot = self.acquire(&main).await?;
-            let (client, _) = slot
+            let mut slot = self.acquire(&main).await?;
+            let session = slot
                 .client
-                .as_ref()
+                .as_mut()
                 .ok_or_else(|| PgError::new(ErrorKind::Connect, "not connected"))?;
-            let rows = postgres::query(
-                client,
-                "SELECT datname::text FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
-                self.defaults.timeout.0,
-                self.defaults.lock_timeout.0,
-            )
-            .await?;
+            let rows = session
+                .query(
+                    "SELECT datname::text FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
+                    self.defaults.timeout.0,
+                    self.defaults.lock_timeout.0,
+                )
+                .await?;
             Ok::<_, PgError>(rows.iter().filter_map(|r| r.try_get::<_, String>(0).ok()).collect::<Vec<_>>())
         }
         .await;

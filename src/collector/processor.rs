@@ -16,6 +16,8 @@ use crate::store::{Family, Sample};
 
 /// What a processor knows about the poll it is processing.
 pub struct Context<'a> {
+    /// The collector being processed.
+    pub def: &'a CollectorDef,
     /// Target labels, first on every sample.
     pub base_labels: &'a [(Arc<str>, String)],
     pub database: &'a str,
@@ -27,6 +29,12 @@ pub struct Context<'a> {
 /// A named Rust step: takes the rows and the families the YAML mapping made from them,
 /// returns the families to store.
 pub trait Processor: Send {
+    /// Which rows the YAML mapping should turn into series (`None`: all of them). Runs
+    /// before [`Processor::process`] in the same poll.
+    fn select(&mut self, _rows: &[Row], _ctx: &Context) -> Result<Option<Vec<usize>>, PgError> {
+        Ok(None)
+    }
+
     fn process(
         &mut self,
         rows: &[Row],
@@ -66,6 +74,22 @@ pub struct CollectorState {
 }
 
 impl CollectorState {
+    /// The rows the YAML mapping should use this poll (`None`: all).
+    pub fn select(
+        &mut self,
+        def: &CollectorDef,
+        rows: &[Row],
+        ctx: &Context,
+    ) -> Result<Option<Vec<usize>>, PgError> {
+        match def.processor {
+            None => Ok(None),
+            Some(kind) => self
+                .processor
+                .get_or_insert_with(|| new(kind))
+                .select(rows, ctx),
+        }
+    }
+
     /// Applies accumulation and the collector's processor to one poll's families.
     pub fn apply(
         &mut self,

@@ -41,6 +41,21 @@ impl Columns for Row {
     }
 }
 
+impl<T: Columns> Columns for &T {
+    fn index_of(&self, column: &str) -> Option<usize> {
+        (**self).index_of(column)
+    }
+    fn columns(&self) -> Vec<String> {
+        (**self).columns()
+    }
+    fn number(&self, idx: usize) -> Result<Option<f64>, String> {
+        (**self).number(idx)
+    }
+    fn label(&self, idx: usize) -> Result<String, String> {
+        (**self).label(idx)
+    }
+}
+
 /// Builds the families of `def` from `rows`. `base_labels` (target and its labels) come
 /// first on every sample; database-scope collectors get `datname` when the metric does not
 /// already take it from a column. A NULL or non-finite value skips that sample.
@@ -123,12 +138,13 @@ pub fn to_families<R: Columns>(
     Ok(families)
 }
 
+/// Literal rows for unit tests of anything that reads [`Columns`].
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fixtures {
+    use super::Columns;
 
     /// A row as (column, number, label) triples.
-    struct Fake(Vec<(&'static str, Option<f64>, &'static str)>);
+    pub struct Fake(pub Vec<(&'static str, Option<f64>, &'static str)>);
 
     impl Columns for Fake {
         fn index_of(&self, column: &str) -> Option<usize> {
@@ -144,6 +160,13 @@ mod tests {
             Ok(self.0[idx].2.to_string())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::fixtures::Fake;
 
     fn def(scope: &str) -> CollectorDef {
         serde_yaml_ng::from_str(&format!(

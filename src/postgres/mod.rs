@@ -169,39 +169,64 @@ async fn read_info(client: &Client) -> Result<ServerInfo, PgError> {
     })
 }
 
-/// Runs one collector query in its own read-only transaction with `statement_timeout` and
-/// `lock_timeout`, so a slow catalog never holds a lock queue or runs past its budget.
-pub async fn query(
-    client: &Client,
-    sql: &str,
-    timeout: Duration,
-    lock_timeout: Duration,
-) -> Result<Vec<Row>, PgError> {
-    let setup = format!(
-        "BEGIN READ ONLY; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
-        timeout.as_millis().max(1),
-        lock_timeout.min(timeout).as_millis().max(1)
-    );
-    // The client-side deadline is a backstop for a server that stops answering; the
-    // server-side statement_timeout normally fires first.
-    let deadline = timeout + Duration::from_secs(2);
-    let run = async {
-        client
-            .batch_execute(&setup)
-            .await
-            .map_err(|e| PgError::from_query(&e))?;
-        let result = client.query(sql, &[]).await;
-        let end = client.batch_execute("COMMIT").await;
-        let rows = result.map_err(|e| PgError::from_query(&e))?;
-        end.map_err(|e| PgError::from_query(&e))?;
-        Ok(rows)
-    };
-    match tokio::time::timeout(deadline, run).await {
-        Ok(r) => r,
-        Err(_) => Err(PgError {
-            kind: ErrorKind::Timeout,
-            message: format!("no answer within {deadline:?}"),
-            fatal: true,
-        }),
+/// A monitoring connection, and the timeouts currently set on its session.
+pub struct Session {
+    pub client: Client,
+    pub info: ServerInfo,
+    /// (statement_timeout, lock_timeout) as last set; `None` when unknown.
+    timeouts: Option<(Duration, Duration)>,
+}
+
+impl Session {
+    pub fn new(client: Client, info: ServerInfo) -> Session {
+        Session {
+            client,
+            info,
+            timeouts: None,
+        }
+    }
+
+    /// Runs one collector query with `statement_timeout` and `lock_timeout`, so a slow
+    /// catalog never runs past its budget or waits in a lock queue. The session is
+    /// read-only (`default_transaction_read_only`); the timeouts are set on the session
+    /// only when they differ from the last query's, so a poll usually costs the database
+    /// exactly one statement.
+    pub async fn query(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+        lock_timeout: Duration,
+    ) -> Result<Vec<Row>, PgError> {
+        let want = (timeout, lock_timeout.min(timeout));
+        // The client-side deadline is a backstop for a server that stops answering; the
+        // server-side statement_timeout normally fires first.
+        let deadline = timeout + Duration::from_secs(2);
+        let run = async {
+            if self.timeouts != Some(want) {
+                self.timeouts = None;
+                let set = format!(
+                    "SET statement_timeout = {}; SET lock_timeout = {}",
+                    want.0.as_millis().max(1),
+                    want.1.as_millis().max(1)
+                );
+                self.client
+                    .batch_execute(&set)
+                    .await
+                    .map_err(|e| PgError::from_query(&e))?;
+                self.timeouts = Some(want);
+            }
+            self.client
+                .query(sql, &[])
+                .await
+                .map_err(|e| PgError::from_query(&e))
+        };
+        match tokio::time::timeout(deadline, run).await {
+            Ok(r) => r,
+            Err(_) => Err(PgError {
+                kind: ErrorKind::Timeout,
+                message: format!("no answer within {deadline:?}"),
+                fatal: true,
+            }),
+        }
     }
 }
