@@ -46,8 +46,19 @@ pub const EXTRA_METRICS: &[&str] = &[
 /// The label columns that identify an entry.
 const KEY_LABELS: [&str; 4] = ["datname", "user", "queryid", "toplevel"];
 
-/// (datname, user, queryid, toplevel)
-type Key = [String; 4];
+/// An entry's identity: a hash of (datname, user, queryid, toplevel). The state kept
+/// between polls for thousands of entries is then a few bytes each; the label text is
+/// read back from the rows, and only for the top N.
+type Key = u64;
+
+fn hash_key(parts: &[String; 4]) -> Key {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: deterministic, and collisions among even millions of
+    // entries are vanishingly unlikely.
+    let mut h = std::hash::DefaultHasher::new();
+    parts.hash(&mut h);
+    h.finish()
+}
 
 /// `pg_stat_statements_info` (dealloc, stats_reset); absent before 14.
 type Info = (Option<f64>, Option<f64>);
@@ -66,6 +77,8 @@ struct Entry {
 #[derive(Default)]
 struct Poll {
     entries: Vec<Entry>,
+    /// Column indices of datname, user, queryid, toplevel.
+    key_cols: [usize; 4],
     info: Option<Info>,
     /// Window of each entry that has one, by entry index.
     windows: HashMap<usize, Window>,
@@ -118,9 +131,12 @@ fn column<R: Columns>(row: &R, name: &str) -> Result<usize, PgError> {
         .ok_or_else(|| decode_error(format!("the query must return a column {name:?}")))
 }
 
-fn parse_rows<R: Columns>(rows: &[R]) -> Result<(Vec<Entry>, Option<Info>), PgError> {
+/// The entries, the key columns and pg_stat_statements_info of one poll's rows.
+type Parsed = (Vec<Entry>, [usize; 4], Option<Info>);
+
+fn parse_rows<R: Columns>(rows: &[R]) -> Result<Parsed, PgError> {
     let Some(first) = rows.first() else {
-        return Ok((Vec::new(), None));
+        return Ok((Vec::new(), [0; 4], None));
     };
     let idx = |n: &str| column(first, n);
     let keys = KEY_LABELS.map(idx);
@@ -142,12 +158,7 @@ fn parse_rows<R: Columns>(rows: &[R]) -> Result<(Vec<Entry>, Option<Info>), PgEr
     let info = Some((num(first, dealloc)?, num(first, reset)?));
     let mut out = Vec::with_capacity(rows.len());
     for (row, r) in rows.iter().enumerate() {
-        let key = [
-            r.label(keys[0]).map_err(decode_error)?,
-            r.label(keys[1]).map_err(decode_error)?,
-            r.label(keys[2]).map_err(decode_error)?,
-            r.label(keys[3]).map_err(decode_error)?,
-        ];
+        let key = hash_key(&row_key(r, &keys)?);
         let cum = Cumulative {
             calls: num(r, calls)?.unwrap_or(0.0).max(0.0) as u64,
             total: num(r, total)?.unwrap_or(0.0),
@@ -161,7 +172,17 @@ fn parse_rows<R: Columns>(rows: &[R]) -> Result<(Vec<Entry>, Option<Info>), PgEr
             row,
         });
     }
-    Ok((out, info))
+    Ok((out, keys, info))
+}
+
+/// The key label values of a row.
+fn row_key<R: Columns>(r: &R, cols: &[usize; 4]) -> Result<[String; 4], PgError> {
+    Ok([
+        r.label(cols[0]).map_err(decode_error)?,
+        r.label(cols[1]).map_err(decode_error)?,
+        r.label(cols[2]).map_err(decode_error)?,
+        r.label(cols[3]).map_err(decode_error)?,
+    ])
 }
 
 /// Picks the members for this poll: see the module docs for the hysteresis rules.
@@ -202,14 +223,14 @@ fn select(scores: &HashMap<Key, f64>, members: &HashSet<Key>, n: usize) -> HashS
             _ => break,
         }
     }
-    chosen.into_iter().map(|(k, _)| k.clone()).collect()
+    chosen.into_iter().map(|(k, _)| *k).collect()
 }
 
 impl StatementsProcessor {
     /// Reads every row's key and timing, computes windows and scores, picks the members;
     /// returns the rows of the members (the only ones mapped to per-query series).
     fn select_rows<R: Columns>(&mut self, rows: &[R], top_n: usize) -> Result<Vec<usize>, PgError> {
-        let (entries, info) = parse_rows(rows)?;
+        let (entries, key_cols, info) = parse_rows(rows)?;
         // On 14-16 an eviction or reset shows only in pg_stat_statements_info.
         let info_changed = matches!((&self.prev_info, &info), (Some(a), Some(b)) if a != b);
         let mut windows = HashMap::new();
@@ -226,7 +247,7 @@ impl StatementsProcessor {
                 Some(s) => 0.5 * s + 0.5 * raw,
                 None => raw,
             };
-            scores.insert(e.key.clone(), score);
+            scores.insert(e.key, score);
             if let Some(w) = w {
                 windows.insert(i, w);
             }
@@ -239,6 +260,7 @@ impl StatementsProcessor {
             .collect();
         self.poll = Some(Poll {
             entries,
+            key_cols,
             info,
             windows,
             scores,
@@ -278,7 +300,7 @@ impl StatementsProcessor {
                     .extend(other_samples(rows, &others, metric, base)?);
             }
         }
-        families.extend(window_families(&poll, base));
+        families.extend(window_families(rows, &poll, base)?);
         families.push(query_info(rows, &poll, base, query_max_len)?);
         if let Some((dealloc, reset)) = poll.info {
             families.extend(info_families(dealloc, reset, base));
@@ -286,7 +308,7 @@ impl StatementsProcessor {
         self.prev = poll
             .entries
             .iter()
-            .map(|e| (e.key.clone(), (e.cum, e.stats_since)))
+            .map(|e| (e.key, (e.cum, e.stats_since)))
             .collect();
         self.prev_info = poll.info;
         self.scores = poll.scores;
@@ -350,7 +372,7 @@ fn other_samples<R: Columns>(
         .collect())
 }
 
-fn key_labels(base: &[(Arc<str>, String)], key: &Key) -> Vec<(Arc<str>, String)> {
+fn key_labels(base: &[(Arc<str>, String)], key: [String; 4]) -> Vec<(Arc<str>, String)> {
     let mut l = base.to_vec();
     for (name, v) in KEY_LABELS.iter().zip(key) {
         l.push((Arc::from(*name), v.clone()));
@@ -367,7 +389,11 @@ fn gauge(name: &str, help: &str) -> Family {
     }
 }
 
-fn window_families(poll: &Poll, base: &[(Arc<str>, String)]) -> Vec<Family> {
+fn window_families<R: Columns>(
+    rows: &[R],
+    poll: &Poll,
+    base: &[(Arc<str>, String)],
+) -> Result<Vec<Family>, PgError> {
     let mut calls = gauge(
         "pg_stat_statements_window_calls",
         "Executions between the last two polls.",
@@ -387,7 +413,7 @@ fn window_families(poll: &Poll, base: &[(Arc<str>, String)]) -> Vec<Family> {
         let Some(w) = poll.windows.get(&i) else {
             continue;
         };
-        let labels = key_labels(base, &e.key);
+        let labels = key_labels(base, row_key(&rows[e.row], &poll.key_cols)?);
         calls.samples.push(Sample {
             labels: labels.clone(),
             value: w.calls as f64,
@@ -403,7 +429,7 @@ fn window_families(poll: &Poll, base: &[(Arc<str>, String)]) -> Vec<Family> {
             });
         }
     }
-    vec![calls, mean, stddev]
+    Ok(vec![calls, mean, stddev])
 }
 
 fn query_info<R: Columns>(
@@ -428,7 +454,7 @@ fn query_info<R: Columns>(
         .filter(|e| poll.members.contains(&e.key))
     {
         let text = rows[e.row].label(query).map_err(decode_error)?;
-        let mut labels = key_labels(base, &e.key);
+        let mut labels = key_labels(base, row_key(&rows[e.row], &poll.key_cols)?);
         labels.push((
             Arc::from("query"),
             crate::sql::mask_literals(&text, max_len),
@@ -474,7 +500,7 @@ mod tests {
     use super::*;
 
     fn key(q: &str) -> Key {
-        ["db".into(), "u".into(), q.into(), "true".into()]
+        hash_key(&["db".into(), "u".into(), q.into(), "true".into()])
     }
 
     fn scores(v: &[(&str, f64)]) -> HashMap<Key, f64> {
@@ -554,7 +580,7 @@ mod tests {
         );
     }
 
-    fn key_of(labels: &[(Arc<str>, String)]) -> Key {
+    fn key_of(labels: &[(Arc<str>, String)]) -> [String; 4] {
         KEY_LABELS.map(|n| {
             labels
                 .iter()
