@@ -161,6 +161,8 @@ fn demo(listen: Option<std::net::SocketAddr>) -> Result<(), String> {
     if let Some(l) = listen {
         config.listen = l;
     }
+    // Short-lived demo events (lock pile-ups, index builds) need a faster poll than 15 s.
+    config.collectors.defaults.interval = pgvigil::config::Interval::from_secs(5);
     let dsn = demo.dsn();
     config.targets.push(pgvigil::config::TargetConfig {
         name: "demo".into(),
