@@ -56,7 +56,12 @@ struct Merged<'a> {
     samples: Vec<&'a Sample>,
 }
 
-fn merge<'a>(families: impl Iterator<Item = &'a Family>) -> BTreeMap<&'a str, Merged<'a>> {
+/// Every family of the snapshots and the extra ones, grouped by name.
+fn merge<'a>(snapshots: &'a [Arc<Snapshot>], extra: &'a [Family]) -> BTreeMap<&'a str, Merged<'a>> {
+    let families = snapshots
+        .iter()
+        .flat_map(|s| s.families.iter())
+        .chain(extra.iter());
     let mut out: BTreeMap<&str, Merged> = BTreeMap::new();
     for f in families {
         let m = out.entry(&f.name).or_insert_with(|| Merged {
@@ -71,16 +76,11 @@ fn merge<'a>(families: impl Iterator<Item = &'a Family>) -> BTreeMap<&'a str, Me
     out
 }
 
-/// Encodes `snapshots` plus `extra` families (self-metrics) in `format`.
-pub fn encode(snapshots: &[Arc<Snapshot>], extra: &[Family], format: Format) -> String {
-    let merged = merge(
-        snapshots
-            .iter()
-            .flat_map(|s| s.families.iter())
-            .chain(extra.iter()),
-    );
+/// Encodes `snapshots` plus `extra` families (self-metrics) in `format`. Takes them by
+/// value: the OpenMetrics path hands them to prometheus-client's registry as they are.
+pub fn encode(snapshots: Vec<Arc<Snapshot>>, extra: Vec<Family>, format: Format) -> String {
     match format {
-        Format::Text => encode_text(&merged),
+        Format::Text => encode_text(&merge(&snapshots, &extra)),
         Format::OpenMetrics => encode_openmetrics(snapshots, extra),
     }
 }
@@ -179,13 +179,7 @@ struct SnapshotCollector {
 
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let merged = merge(
-            self.snapshots
-                .iter()
-                .flat_map(|s| s.families.iter())
-                .chain(self.extra.iter()),
-        );
-        for (name, m) in &merged {
+        for (name, m) in &merge(&self.snapshots, &self.extra) {
             // The encoder appends `_total` / `_info` itself.
             let (base, kind) = match m.kind {
                 MetricType::Counter => (
@@ -221,12 +215,9 @@ impl Collector for SnapshotCollector {
     }
 }
 
-fn encode_openmetrics(snapshots: &[Arc<Snapshot>], extra: &[Family]) -> String {
+fn encode_openmetrics(snapshots: Vec<Arc<Snapshot>>, extra: Vec<Family>) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(SnapshotCollector {
-        snapshots: snapshots.to_vec(),
-        extra: extra.to_vec(),
-    }));
+    registry.register_collector(Box::new(SnapshotCollector { snapshots, extra }));
     let mut out = String::with_capacity(64 * 1024);
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
@@ -275,7 +266,7 @@ mod tests {
 
     #[test]
     fn text_format_golden() {
-        let got = encode(&snapshots(), &[], Format::Text);
+        let got = encode(snapshots(), Vec::new(), Format::Text);
         let want = "\
 # HELP pg_a Help with \\\\ and \"quotes\".
 # TYPE pg_a gauge
@@ -293,7 +284,7 @@ pg_v_info{target=\"t1\",x=\"15\"} 1
 
     #[test]
     fn openmetrics_golden() {
-        let got = encode(&snapshots(), &[], Format::OpenMetrics);
+        let got = encode(snapshots(), Vec::new(), Format::OpenMetrics);
         let want = "\
 # HELP pg_a Help with \\\\ and \\\"quotes\\\".
 # TYPE pg_a gauge

@@ -62,7 +62,7 @@ impl Server {
         }
         let snapshots = store.snapshots();
         let extra = store.self_metrics();
-        let body = Bytes::from(exposition::encode(&snapshots, &extra, format));
+        let body = Bytes::from(exposition::encode(snapshots, extra, format));
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.retain(|(f, _, _)| *f != format);
         cache.push((format, generation, body.clone()));

@@ -246,8 +246,8 @@ pub async fn once(config: &Config) -> Result<String, StartError> {
         p.poll_all_once().await;
     }
     Ok(exposition::encode(
-        &store.snapshots(),
-        &store.self_metrics(),
+        store.snapshots(),
+        store.self_metrics(),
         exposition::Format::Text,
     ))
 }

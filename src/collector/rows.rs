@@ -1,7 +1,7 @@
 //! Rows → metric families, following a collector's metric definitions. Pure: no I/O, so
 //! it is tested with literal rows-as-columns.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio_postgres::Row;
@@ -56,6 +56,13 @@ impl<T: Columns> Columns for &T {
     }
 }
 
+fn hash_of(labels: &[(Arc<str>, String)]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    labels.hash(&mut h);
+    h.finish()
+}
+
 /// Builds the families of `def` from `rows`. `base_labels` (target and its labels) come
 /// first on every sample; database-scope collectors get `datname` when the metric does not
 /// already take it from a column. A NULL or non-finite value skips that sample.
@@ -99,7 +106,9 @@ pub fn to_families<R: Columns>(
             .collect::<Result<Vec<_>, _>>()?;
         let add_datname =
             def.scope == Scope::Database && !m.labels.iter().any(|l| l.0 == "datname");
-        let mut seen = HashSet::with_capacity(rows.len());
+        // Duplicate label sets, found by hash without copying every label set; samples
+        // with equal hashes are then compared for real.
+        let mut seen: HashMap<u64, Vec<usize>> = HashMap::with_capacity(rows.len());
         for row in rows {
             let value = match value_idx {
                 None => 1.0,
@@ -124,13 +133,15 @@ pub fn to_families<R: Columns>(
             for (k, v) in &m.static_labels {
                 labels.push((Arc::from(k.0.as_str()), v.clone()));
             }
-            if !seen.insert(labels.clone()) {
+            let same = seen.entry(hash_of(&labels)).or_default();
+            if same.iter().any(|&i| family.samples[i].labels == labels) {
                 return Err(decode(format!(
                     "metric {}: two rows give the same label set {:?}; add a label column that tells them apart",
                     m.name,
                     labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>()
                 )));
             }
+            same.push(family.samples.len());
             family.samples.push(Sample { labels, value });
         }
         families.push(family);

@@ -281,8 +281,8 @@ impl ManualPoller {
 
     pub fn text(&self) -> String {
         pgvigil::exposition::encode(
-            &self.store.snapshots(),
-            &self.store.self_metrics(),
+            self.store.snapshots(),
+            self.store.self_metrics(),
             pgvigil::exposition::Format::Text,
         )
     }
