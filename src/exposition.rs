@@ -19,8 +19,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::collector::pack::MetricType;
-use crate::store::{Family, Sample, Snapshot};
+use crate::metric::MetricType;
+use crate::metric::{Family, Sample};
+use crate::store::Snapshot;
 
 /// Which exposition format to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -25,20 +25,16 @@
 //!   (pg_stat_statements window stats and top-N; index build ETA).
 //! - [`trace`]: the activity sampler, traceparent parsing, slow-query spans, OTLP export.
 
-pub mod cluster;
 pub mod collector;
 pub mod config;
 pub mod demo;
 pub mod exposition;
 pub mod http;
+pub mod metric;
 pub mod postgres;
-pub mod progress;
 pub mod sql;
-pub mod statements;
-
 pub mod store;
 pub mod trace;
-pub mod window;
 pub mod yaml;
 
 use std::sync::Arc;

@@ -7,24 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::collector::pack::MetricType;
+use crate::metric::{Family, MetricType, Sample};
 use crate::postgres::ErrorKind;
-
-/// One sample: its labels (target labels first) and value.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub labels: Vec<(Arc<str>, String)>,
-    pub value: f64,
-}
-
-/// A metric family as read in one poll.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Family {
-    pub name: Arc<str>,
-    pub help: Arc<str>,
-    pub kind: MetricType,
-    pub samples: Vec<Sample>,
-}
 
 /// Everything one collector produced in one poll of one database.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -137,6 +137,27 @@ pub fn locate_word(text: &str, anchor: &str, word: &str) -> (usize, usize) {
     (0, 0)
 }
 
+/// Deserializes any `FromStr` type from a YAML scalar. The error is raised inside the
+/// deserializer's visitor, so serde_yaml_ng locates it at the scalar itself (an error
+/// raised after `String::deserialize` would point at the enclosing mapping).
+pub fn from_str_de<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<T: std::str::FromStr<Err = String>> serde::de::Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+            v.parse().map_err(E::custom)
+        }
+    }
+    d.deserialize_str(V(std::marker::PhantomData))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

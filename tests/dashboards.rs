@@ -60,9 +60,9 @@ fn exportable_metrics() -> BTreeSet<String> {
             }
         }
     }
-    let extras = pgvigil::statements::EXTRA_METRICS
+    let extras = pgvigil::collector::steps::statements::EXTRA_METRICS
         .iter()
-        .chain(pgvigil::progress::EXTRA_METRICS);
+        .chain(pgvigil::collector::steps::index_eta::EXTRA_METRICS);
     names.extend(extras.map(|n| n.to_string()));
     let store = pgvigil::store::Store::new();
     names.extend(store.self_metrics().iter().map(|f| f.name.to_string()));

@@ -27,7 +27,7 @@ fn bindirs() -> Vec<PathBuf> {
             found
         }
     };
-    if let Ok(local) = pgvigil::cluster::find_bindir() {
+    if let Ok(local) = pgvigil::demo::cluster::find_bindir() {
         dirs.push(local);
     }
     assert!(

@@ -3,8 +3,8 @@
 
 pub mod pack;
 pub mod poller;
-pub mod processor;
 pub mod rows;
+pub mod steps;
 
 use std::fmt::Write as _;
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 
 use crate::config::{CollectorsConfig, Interval, LabelName, MetricName};
+use crate::metric::MetricType;
 use crate::yaml::{self, YamlError};
 
 /// The packs shipped inside the binary: (file name, text).
@@ -57,16 +58,6 @@ pub enum Scope {
     Cluster,
     /// Once per database of the target that passes its `databases` filter.
     Database,
-}
-
-/// The Prometheus type of a metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MetricType {
-    Gauge,
-    Counter,
-    /// Value is always 1; the labels carry the information.
-    Info,
 }
 
 /// A collector: one query (in version variants) and the metrics read from its rows.
@@ -127,7 +118,7 @@ pub struct CollectorName(pub String);
 
 impl<'de> Deserialize<'de> for CollectorName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::config::from_str_de(d)
+        crate::yaml::from_str_de(d)
     }
 }
 
@@ -220,7 +211,7 @@ impl std::fmt::Display for Version {
 impl<'de> Deserialize<'de> for Version {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // YAML scalars (`14`, `9.6`) arrive as text here, located at the scalar.
-        crate::config::from_str_de(d)
+        crate::yaml::from_str_de(d)
     }
 }
 
@@ -560,11 +551,7 @@ impl Catalog {
         // A metric name may come from one collector only: two would fight over the family.
         let mut owner: HashMap<&str, &CollectorDef> = HashMap::new();
         for c in &collectors {
-            for extra in c
-                .processor
-                .map(super::processor::extra_metrics)
-                .unwrap_or(&[])
-            {
+            for extra in c.processor.map(super::steps::extra_metrics).unwrap_or(&[]) {
                 owner.insert(extra, c);
             }
         }

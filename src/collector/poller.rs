@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 use crate::collector::pack::{CollectorDef, Scope};
-use crate::collector::processor::{CollectorState, Context};
 use crate::collector::rows;
+use crate::collector::steps::{CollectorState, Context};
 use crate::config::{describe, CollectorDefaults, StatementsConfig, Target};
 use crate::postgres::{self, ErrorKind, PgError, Session};
 use crate::store::{Snapshot, Store};

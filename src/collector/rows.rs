@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use tokio_postgres::Row;
 
-use crate::collector::pack::{CollectorDef, MetricType, Scope};
+use crate::collector::pack::{CollectorDef, Scope};
+use crate::metric::MetricType;
+use crate::metric::{Family, Sample};
 use crate::postgres::value::{SqlLabel, SqlNumber};
 use crate::postgres::{ErrorKind, PgError};
-use crate::store::{Family, Sample};
 
 /// Column access abstracted over `tokio_postgres::Row`, so the mapping can be unit tested.
 pub trait Columns {

@@ -2,7 +2,6 @@
 //! validation. Every problem is reported with file, line and field; nothing here touches
 //! the network.
 
-mod dsn;
 mod types;
 
 use std::collections::BTreeMap;
@@ -11,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use dsn::Dsn;
-pub use types::{from_str_de, Interval, LabelName, MetricName, Pattern};
+pub use crate::postgres::dsn::{describe, Dsn};
+pub use types::{Interval, LabelName, MetricName, Pattern};
 
 use crate::postgres::tls::{TlsParams, TlsSettings};
 use crate::yaml::{self, YamlError};
@@ -175,24 +174,6 @@ pub struct TargetConfig {
     /// Which databases `scope: database` collectors visit.
     #[serde(default)]
     pub databases: DatabaseFilter,
-}
-
-/// `host:port/dbname user=…` for logs: never the password.
-pub fn describe(config: &tokio_postgres::Config) -> String {
-    let host = config
-        .get_hosts()
-        .first()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(s) => s.clone(),
-            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let db = config.get_dbname().unwrap_or("postgres");
-    match config.get_user() {
-        Some(user) => format!("{host}:{port}/{db} user={user}"),
-        None => format!("{host}:{port}/{db}"),
-    }
 }
 
 /// Include/exclude regexes over database names, for `scope: database` collectors.

@@ -30,30 +30,9 @@ impl FromStr for Interval {
     }
 }
 
-/// Deserializes any `FromStr` type from a YAML scalar. The error is raised inside the
-/// deserializer's visitor, so serde_yaml_ng locates it at the scalar itself (an error
-/// raised after `String::deserialize` would point at the enclosing mapping).
-pub fn from_str_de<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: FromStr<Err = String>,
-{
-    struct V<T>(std::marker::PhantomData<T>);
-    impl<T: FromStr<Err = String>> serde::de::Visitor<'_> for V<T> {
-        type Value = T;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a string")
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
-            v.parse().map_err(E::custom)
-        }
-    }
-    d.deserialize_str(V(std::marker::PhantomData))
-}
-
 impl<'de> Deserialize<'de> for Interval {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        from_str_de(d)
+        crate::yaml::from_str_de(d)
     }
 }
 
@@ -115,7 +94,7 @@ macro_rules! deserialize_from_str {
     ($t:ty) => {
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                from_str_de(d)
+                crate::yaml::from_str_de(d)
             }
         }
     };

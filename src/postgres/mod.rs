@@ -2,6 +2,7 @@
 //! learnt on connect (server version, installed extensions), running one collector query
 //! inside a read-only transaction with its own timeouts, and classifying errors.
 
+pub mod dsn;
 pub mod tls;
 pub mod value;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Row};
 
-use crate::config::Dsn;
+pub use dsn::Dsn;
 
 /// Facts about the connected database, read once per connection.
 #[derive(Debug, Clone, Default)]

@@ -1,7 +1,7 @@
 //! TLS for sessions to PostgreSQL: libpq's `sslmode` semantics on rustls (`ring` provider).
 //!
 //! The driver (tokio-postgres) only knows `sslmode` disable/prefer/require and rejects
-//! libpq's other TLS parameters, so the DSN parser ([`crate::config::Dsn`]) takes
+//! libpq's other TLS parameters, so the DSN parser ([`crate::postgres::Dsn`]) takes
 //! `sslmode`, `sslrootcert`, `sslcert` and `sslkey` out of the connection string (or the
 //! `PGSSL*` variables) and [`TlsSettings::resolve`] turns them into settings; [`connector`]
 //! builds the rustls connector for each new session. This module decides what each mode

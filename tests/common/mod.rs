@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub use pgvigil::cluster::{ClusterOptions, TempCluster};
 use pgvigil::config::Config;
+pub use pgvigil::demo::cluster::{ClusterOptions, TempCluster};
 
 /// Starts a cluster with pg_stat_statements preloaded (and `extra` settings).
 pub fn cluster(extra: &[(&str, &str)]) -> TempCluster {

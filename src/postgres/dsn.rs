@@ -12,8 +12,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer};
 
-use super::{describe, from_str_de};
 use crate::postgres::tls::{TlsParams, TlsSettings};
+use crate::yaml::from_str_de;
 
 /// A parsed connection string. Its `Debug` never shows the password.
 #[derive(Clone)]
@@ -177,6 +177,24 @@ fn split_keywords(dsn: &str) -> Result<(String, TlsParams), String> {
     }
     rest.push_str(&dsn[copied_to..]);
     Ok((rest, params))
+}
+
+/// `host:port/dbname user=…` for logs: never the password.
+pub fn describe(config: &tokio_postgres::Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = config.get_dbname().unwrap_or("postgres");
+    match config.get_user() {
+        Some(user) => format!("{host}:{port}/{db} user={user}"),
+        None => format!("{host}:{port}/{db}"),
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 //! row while two sessions queue behind it), an index build about every minute, and one invalid
 //! index left by a failed `CREATE UNIQUE INDEX CONCURRENTLY`.
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crate::cluster::{ClusterError, ClusterOptions, TempCluster};
+use cluster::{ClusterError, ClusterOptions, TempCluster};
 
 /// The demo's database server plus its workload threads.
 pub struct Demo {

@@ -26,12 +26,13 @@ use std::sync::Arc;
 
 use tokio_postgres::Row;
 
-use crate::collector::pack::{CollectorDef, MetricDef, MetricType};
-use crate::collector::processor::{Context, Processor};
+use crate::collector::pack::{CollectorDef, MetricDef};
 use crate::collector::rows::Columns;
+use crate::collector::steps::window::{self, Cumulative, Window};
+use crate::collector::steps::{Context, Processor};
+use crate::metric::MetricType;
+use crate::metric::{Family, Sample};
 use crate::postgres::{ErrorKind, PgError};
-use crate::store::{Family, Sample};
-use crate::window::{self, Cumulative, Window};
 
 /// Metric names this processor adds to the collector's YAML ones.
 pub const EXTRA_METRICS: &[&str] = &[

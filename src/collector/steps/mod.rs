@@ -3,6 +3,10 @@
 //! (`processor: statements`, `processor: create_index_progress`). State is kept per
 //! (target, collector, database) by the poller and lives as long as the process.
 
+pub mod index_eta;
+pub mod statements;
+pub mod window;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,8 +15,8 @@ use tokio_postgres::Row;
 
 use crate::collector::pack::{CollectorDef, ProcessorKind};
 use crate::config::StatementsConfig;
+use crate::metric::{Family, Sample};
 use crate::postgres::PgError;
-use crate::store::{Family, Sample};
 
 /// What a processor knows about the poll it is processing.
 pub struct Context<'a> {
@@ -46,9 +50,11 @@ pub trait Processor: Send {
 /// Builds a fresh processor of `kind`.
 pub fn new(kind: ProcessorKind) -> Box<dyn Processor> {
     match kind {
-        ProcessorKind::Statements => Box::new(crate::statements::StatementsProcessor::default()),
+        ProcessorKind::Statements => {
+            Box::new(crate::collector::steps::statements::StatementsProcessor::default())
+        }
         ProcessorKind::CreateIndexProgress => {
-            Box::new(crate::progress::ProgressProcessor::default())
+            Box::new(crate::collector::steps::index_eta::ProgressProcessor::default())
         }
     }
 }
@@ -57,8 +63,8 @@ pub fn new(kind: ProcessorKind) -> Box<dyn Processor> {
 /// define them twice.
 pub fn extra_metrics(kind: ProcessorKind) -> &'static [&'static str] {
     match kind {
-        ProcessorKind::Statements => crate::statements::EXTRA_METRICS,
-        ProcessorKind::CreateIndexProgress => crate::progress::EXTRA_METRICS,
+        ProcessorKind::Statements => crate::collector::steps::statements::EXTRA_METRICS,
+        ProcessorKind::CreateIndexProgress => crate::collector::steps::index_eta::EXTRA_METRICS,
     }
 }
 
@@ -146,7 +152,7 @@ fn accumulate(totals: &mut Totals, family: &mut Family, dt: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collector::pack::MetricType;
+    use crate::metric::MetricType;
 
     fn fam(values: &[(&str, f64)]) -> Family {
         Family {

@@ -44,11 +44,11 @@ use std::time::Instant;
 
 use tokio_postgres::Row;
 
-use crate::collector::pack::MetricType;
-use crate::collector::processor::{Context, Processor};
 use crate::collector::rows::Columns;
+use crate::collector::steps::{Context, Processor};
+use crate::metric::MetricType;
+use crate::metric::{Family, Sample};
 use crate::postgres::{ErrorKind, PgError};
-use crate::store::{Family, Sample};
 
 /// The metric this processor adds.
 pub const ETA_METRIC: &str = "pg_create_index_eta_seconds";
