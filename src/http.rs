@@ -61,7 +61,7 @@ impl Server {
             }
         }
         let snapshots = store.snapshots();
-        let extra = store.self_metrics();
+        let extra = crate::health::self_metrics(&store);
         let body = Bytes::from(exposition::encode(snapshots, extra, format));
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.retain(|(f, _, _)| *f != format);

@@ -29,6 +29,7 @@ pub mod collector;
 pub mod config;
 pub mod demo;
 pub mod exposition;
+pub mod health;
 pub mod http;
 pub mod metric;
 pub mod postgres;
@@ -243,7 +244,7 @@ pub async fn once(config: &Config) -> Result<String, StartError> {
     }
     Ok(exposition::encode(
         store.snapshots(),
-        store.self_metrics(),
+        health::self_metrics(&store),
         exposition::Format::Text,
     ))
 }

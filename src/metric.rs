@@ -31,3 +31,14 @@ pub struct Family {
     pub kind: MetricType,
     pub samples: Vec<Sample>,
 }
+
+impl MetricType {
+    /// The name used in packs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricType::Gauge => "gauge",
+            MetricType::Counter => "counter",
+            MetricType::Info => "info",
+        }
+    }
+}

@@ -60,12 +60,12 @@ fn exportable_metrics() -> BTreeSet<String> {
             }
         }
     }
-    let extras = pgvigil::collector::steps::statements::EXTRA_METRICS
-        .iter()
-        .chain(pgvigil::collector::steps::index_eta::EXTRA_METRICS);
-    names.extend(extras.map(|n| n.to_string()));
     let store = pgvigil::store::Store::new();
-    names.extend(store.self_metrics().iter().map(|f| f.name.to_string()));
+    names.extend(
+        pgvigil::health::self_metrics(&store)
+            .iter()
+            .map(|f| f.name.to_string()),
+    );
     names
 }
 

@@ -5,6 +5,7 @@ pub mod pack;
 pub mod poller;
 pub mod rows;
 pub mod steps;
+pub mod table;
 
 use std::fmt::Write as _;
 
@@ -72,6 +73,12 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
             let _ = writeln!(out, "      requires extension {ext}");
         }
         let _ = writeln!(out, "      {}", variant_plan(&c.queries));
+        if let Some(kind) = c.processor {
+            let _ = writeln!(out, "      step: {}", steps::describe(kind));
+        }
+        for m in &c.metrics.0 {
+            let _ = writeln!(out, "      {} ({}): {}", m.name, m.kind.as_str(), m.help);
+        }
     }
     for note in &catalog.notes {
         let _ = writeln!(out, "note: {note}");

@@ -551,11 +551,6 @@ impl Catalog {
         // A metric name may come from one collector only: two would fight over the family.
         let mut owner: HashMap<&str, &CollectorDef> = HashMap::new();
         for c in &collectors {
-            for extra in c.processor.map(super::steps::extra_metrics).unwrap_or(&[]) {
-                owner.insert(extra, c);
-            }
-        }
-        for c in &collectors {
             for (j, m) in c.metrics.0.iter().enumerate() {
                 if let Some(first) = owner.insert(&m.name.0, c) {
                     let text = texts.get(&c.source).copied().unwrap_or("");
@@ -598,6 +593,21 @@ fn pack_files(p: &Path) -> Result<Vec<PathBuf>, PackError> {
     }
     out.sort();
     Ok(out)
+}
+
+/// The built-in collectors, for unit tests of the steps that read their rows.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::{Catalog, CollectorDef};
+
+    pub fn builtin(name: &str) -> CollectorDef {
+        Catalog::load(&Default::default())
+            .unwrap_or_else(|e| panic!("built-in packs: {e}"))
+            .collectors
+            .into_iter()
+            .find(|c| c.name.0 == name)
+            .unwrap_or_else(|| panic!("no built-in collector {name}"))
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 use crate::collector::pack::{CollectorDef, Scope};
-use crate::collector::rows;
 use crate::collector::steps::{CollectorState, Context};
 use crate::config::{describe, CollectorDefaults, StatementsConfig, Target};
 use crate::postgres::{self, ErrorKind, PgError, Session};
@@ -235,15 +234,7 @@ impl TargetPoller {
         let state = states
             .entry((def.name.0.clone(), db.to_string()))
             .or_default();
-        let families = match state.select(def, &rows, &ctx)? {
-            None => rows::to_families(def, &rows, &self.base_labels, db)?,
-            Some(picked) => {
-                let subset: Vec<&tokio_postgres::Row> =
-                    picked.iter().filter_map(|&i| rows.get(i)).collect();
-                rows::to_families(def, &subset, &self.base_labels, db)?
-            }
-        };
-        let families = state.apply(def, interval, &rows, families, &ctx)?;
+        let families = state.families(def, interval, &rows, &ctx)?;
         Ok(Some(Snapshot { families }))
     }
 

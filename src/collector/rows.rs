@@ -4,58 +4,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio_postgres::Row;
-
 use crate::collector::pack::{CollectorDef, Scope};
+use crate::collector::table::Rows;
 use crate::metric::MetricType;
 use crate::metric::{Family, Sample};
-use crate::postgres::value::{SqlLabel, SqlNumber};
+
 use crate::postgres::{ErrorKind, PgError};
-
-/// Column access abstracted over `tokio_postgres::Row`, so the mapping can be unit tested.
-pub trait Columns {
-    fn index_of(&self, column: &str) -> Option<usize>;
-    fn columns(&self) -> Vec<String>;
-    fn number(&self, idx: usize) -> Result<Option<f64>, String>;
-    fn label(&self, idx: usize) -> Result<String, String>;
-}
-
-impl Columns for Row {
-    fn index_of(&self, column: &str) -> Option<usize> {
-        self.columns().iter().position(|c| c.name() == column)
-    }
-    fn columns(&self) -> Vec<String> {
-        Row::columns(self)
-            .iter()
-            .map(|c| c.name().to_string())
-            .collect()
-    }
-    fn number(&self, idx: usize) -> Result<Option<f64>, String> {
-        self.try_get::<_, SqlNumber>(idx)
-            .map(|n| n.0)
-            .map_err(|e| e.to_string())
-    }
-    fn label(&self, idx: usize) -> Result<String, String> {
-        self.try_get::<_, SqlLabel>(idx)
-            .map(|l| l.0)
-            .map_err(|e| e.to_string())
-    }
-}
-
-impl<T: Columns> Columns for &T {
-    fn index_of(&self, column: &str) -> Option<usize> {
-        (**self).index_of(column)
-    }
-    fn columns(&self) -> Vec<String> {
-        (**self).columns()
-    }
-    fn number(&self, idx: usize) -> Result<Option<f64>, String> {
-        (**self).number(idx)
-    }
-    fn label(&self, idx: usize) -> Result<String, String> {
-        (**self).label(idx)
-    }
-}
 
 fn hash_of(labels: &[(Arc<str>, String)]) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -67,9 +21,9 @@ fn hash_of(labels: &[(Arc<str>, String)]) -> u64 {
 /// Builds the families of `def` from `rows`. `base_labels` (target and its labels) come
 /// first on every sample; database-scope collectors get `datname` when the metric does not
 /// already take it from a column. A NULL or non-finite value skips that sample.
-pub fn to_families<R: Columns>(
+pub fn to_families<T: Rows + ?Sized>(
     def: &CollectorDef,
-    rows: &[R],
+    rows: &T,
     base_labels: &[(Arc<str>, String)],
     database: &str,
 ) -> Result<Vec<Family>, PgError> {
@@ -82,24 +36,20 @@ pub fn to_families<R: Columns>(
             kind: m.kind,
             samples: Vec::with_capacity(rows.len()),
         };
-        let Some(first) = rows.first() else {
+        if rows.is_empty() {
             families.push(family);
             continue;
-        };
+        }
         let find = |col: &str| {
-            first.index_of(col).ok_or_else(|| {
+            rows.index_of(col).ok_or_else(|| {
                 decode(format!(
                     "metric {}: column {col:?} is not in the query result (columns: {})",
                     m.name,
-                    first.columns().join(", ")
+                    rows.columns().join(", ")
                 ))
             })
         };
-        let value_idx = match (&m.value, m.kind) {
-            (_, MetricType::Info) => None,
-            (Some(v), _) => Some(find(v)?),
-            (None, _) => None,
-        };
+        let value_idx = m.value.as_deref().map(find).transpose()?;
         let label_idx = m
             .labels
             .iter()
@@ -110,13 +60,15 @@ pub fn to_families<R: Columns>(
         // Duplicate label sets, found by hash without copying every label set; samples
         // with equal hashes are then compared for real.
         let mut seen: HashMap<u64, Vec<usize>> = HashMap::with_capacity(rows.len());
-        for row in rows {
+        for row in 0..rows.len() {
             let value = match value_idx {
                 None => 1.0,
-                Some(i) => match row
-                    .number(i)
+                Some(i) => match rows
+                    .number(row, i)
                     .map_err(|e| decode(format!("metric {}: value column: {e}", m.name)))?
                 {
+                    // An info sample is 1; its value column only says whether it exists.
+                    Some(_) if m.kind == MetricType::Info => 1.0,
                     Some(v) if v.is_finite() => v,
                     _ => continue,
                 },
@@ -126,8 +78,8 @@ pub fn to_families<R: Columns>(
                 labels.push((Arc::from("datname"), database.to_string()));
             }
             for (name, i) in &label_idx {
-                let v = row
-                    .label(*i)
+                let v = rows
+                    .label(row, *i)
                     .map_err(|e| decode(format!("metric {}: label {name}: {e}", m.name)))?;
                 labels.push((name.clone(), v));
             }
@@ -153,7 +105,7 @@ pub fn to_families<R: Columns>(
 /// Literal rows for unit tests of anything that reads [`Columns`].
 #[cfg(test)]
 pub(crate) mod fixtures {
-    use super::Columns;
+    use crate::postgres::value::Columns;
 
     /// A row as (column, number, label) triples.
     pub struct Fake(pub Vec<(&'static str, Option<f64>, &'static str)>);

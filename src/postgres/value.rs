@@ -165,6 +165,51 @@ impl<'a> FromSql<'a> for SqlLabel {
     }
 }
 
+/// Column access abstracted over `tokio_postgres::Row`, so the mapping can be unit tested.
+pub trait Columns {
+    fn index_of(&self, column: &str) -> Option<usize>;
+    fn columns(&self) -> Vec<String>;
+    fn number(&self, idx: usize) -> Result<Option<f64>, String>;
+    fn label(&self, idx: usize) -> Result<String, String>;
+}
+
+impl Columns for tokio_postgres::Row {
+    fn index_of(&self, column: &str) -> Option<usize> {
+        self.columns().iter().position(|c| c.name() == column)
+    }
+    fn columns(&self) -> Vec<String> {
+        tokio_postgres::Row::columns(self)
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect()
+    }
+    fn number(&self, idx: usize) -> Result<Option<f64>, String> {
+        self.try_get::<_, SqlNumber>(idx)
+            .map(|n| n.0)
+            .map_err(|e| e.to_string())
+    }
+    fn label(&self, idx: usize) -> Result<String, String> {
+        self.try_get::<_, SqlLabel>(idx)
+            .map(|l| l.0)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl<T: Columns> Columns for &T {
+    fn index_of(&self, column: &str) -> Option<usize> {
+        (**self).index_of(column)
+    }
+    fn columns(&self) -> Vec<String> {
+        (**self).columns()
+    }
+    fn number(&self, idx: usize) -> Result<Option<f64>, String> {
+        (**self).number(idx)
+    }
+    fn label(&self, idx: usize) -> Result<String, String> {
+        (**self).label(idx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -282,7 +282,7 @@ impl ManualPoller {
     pub fn text(&self) -> String {
         pgvigil::exposition::encode(
             self.store.snapshots(),
-            self.store.self_metrics(),
+            pgvigil::health::self_metrics(&self.store),
             pgvigil::exposition::Format::Text,
         )
     }

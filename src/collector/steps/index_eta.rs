@@ -1,5 +1,7 @@
 //! `processor: create_index_progress`: the estimated time to completion of each running
-//! index build, `pg_create_index_eta_seconds`, from the progress seen over the last polls.
+//! index build, from the progress seen over the last polls. It adds the column
+//! `eta_seconds` to each row (NULL when unknown); `queries/indexes.yaml` declares the
+//! metric, `pg_create_index_eta_seconds`.
 //! Everything else about a build (phase, counters, ratio) is plain SQL in
 //! `queries/indexes.yaml`; this module only adds what needs memory across polls. It never
 //! touches PostgreSQL: it reads the rows the collector already fetched.
@@ -39,26 +41,16 @@
 //! is built partition by partition). Builds that disappear are forgotten.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::Instant;
 
-use tokio_postgres::Row;
-
-use crate::collector::rows::Columns;
-use crate::collector::steps::{Context, Processor};
-use crate::metric::MetricType;
-use crate::metric::{Family, Sample};
+use crate::collector::steps::Context;
+use crate::collector::table::{Cell, Table};
+use crate::postgres::value::Columns;
 use crate::postgres::{ErrorKind, PgError};
 
-/// The metric this processor adds.
-pub const ETA_METRIC: &str = "pg_create_index_eta_seconds";
-
-/// Metric names this processor adds.
-pub const EXTRA_METRICS: &[&str] = &[ETA_METRIC];
-
-const ETA_HELP: &str = "Estimated seconds until the index build completes, from its rate of \
-progress over the last polls and a model of the phases still to come; absent while the rate \
-is unknown (sorting, waiting for other transactions, stalled, or just started).";
+/// For `check-config`.
+pub const DESCRIPTION: &str =
+    "adds eta_seconds to each build, from its progress over the last polls (NULL when unknown)";
 
 /// Samples of a phase the slope is fitted over.
 pub const WINDOW: usize = 10;
@@ -266,20 +258,19 @@ pub fn least_squares_slope(points: &[(f64, f64)]) -> Option<f64> {
     (sxx > 0.0).then(|| sxy / sxx)
 }
 
-/// The processor: a [`Tracker`] per (collector, database), fed by each poll.
+/// The step: a [`Tracker`] per (collector, database), fed by each poll.
 #[derive(Default)]
-pub struct ProgressProcessor {
+pub struct IndexEtaStep {
     tracker: Tracker,
 }
 
-impl ProgressProcessor {
-    /// Adds the ETA family to `families`; generic over the row type so it can be tested.
-    pub fn apply<R: Columns>(
+impl IndexEtaStep {
+    /// Every row, with `eta_seconds`.
+    pub fn run<'r, R: Columns>(
         &mut self,
-        rows: &[R],
-        mut families: Vec<Family>,
+        rows: &'r [R],
         ctx: &Context,
-    ) -> Result<Vec<Family>, PgError> {
+    ) -> Result<Table<'r, R>, PgError> {
         let observations = rows
             .iter()
             .map(Observation::from_row)
@@ -291,45 +282,18 @@ impl ProgressProcessor {
                 )
             })?;
         let etas = self.tracker.update(ctx.now, &observations);
-        let samples = observations
-            .iter()
-            .zip(etas)
-            .filter_map(|(o, eta)| {
-                let mut labels = ctx.base_labels.to_vec();
-                labels.push((Arc::from("datname"), ctx.database.to_string()));
-                labels.push((Arc::from("relation"), o.key.relation.clone()));
-                labels.push((Arc::from("index"), o.key.index.clone()));
-                labels.push((Arc::from("command"), o.command.clone()));
-                Some(Sample {
-                    labels,
-                    value: eta?.max(0.0),
-                })
-            })
-            .collect();
-        families.push(Family {
-            name: Arc::from(ETA_METRIC),
-            help: Arc::from(ETA_HELP),
-            kind: MetricType::Gauge,
-            samples,
-        });
-        Ok(families)
-    }
-}
-
-impl Processor for ProgressProcessor {
-    fn process(
-        &mut self,
-        rows: &[Row],
-        families: Vec<Family>,
-        ctx: &Context,
-    ) -> Result<Vec<Family>, PgError> {
-        self.apply(rows, families, ctx)
+        let mut table = Table::new(rows, &["eta_seconds"]);
+        for (row, eta) in etas.into_iter().enumerate() {
+            table.keep(row, vec![Cell::from(eta.map(|e| e.max(0.0)))]);
+        }
+        Ok(table)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Duration;
 
     const SCAN: &str = "building index: scanning table";
@@ -545,23 +509,23 @@ mod tests {
             ("command", None, "CREATE INDEX"),
             ("phase", None, SCAN),
             ("progress_ratio", ratio, ""),
+            ("blocks_done", Some(1.0), ""),
+            ("blocks_total", Some(10.0), ""),
+            ("tuples_done", Some(0.0), ""),
+            ("tuples_total", Some(0.0), ""),
+            ("lockers_waiting", Some(0.0), ""),
+            ("elapsed_seconds", Some(1.0), ""),
         ])
     }
 
-    fn test_def() -> crate::collector::pack::CollectorDef {
-        serde_yaml_ng::from_str(
-            "name: p\nhelp: h\nqueries: [{sql: x}]\nmetrics:\n  - {name: r, type: gauge, help: h, value: progress_ratio}\n",
-        )
-        .unwrap()
-    }
-
     #[test]
-    fn processor_adds_the_eta_family_with_the_build_labels() {
+    fn the_pack_declares_the_eta_and_the_step_fills_it_with_the_build_labels() {
+        use crate::collector::steps::CollectorState;
         let base = vec![(Arc::<str>::from("target"), "t1".to_string())];
         let t0 = Instant::now();
-        let mut p = ProgressProcessor::default();
+        let def = crate::collector::pack::tests_support::builtin("create_index_progress");
+        let mut state = CollectorState::default();
         let mut last = Vec::new();
-        let def = test_def();
         for t in 0..3 {
             let ctx = Context {
                 def: &def,
@@ -570,11 +534,20 @@ mod tests {
                 now: at(t0, t as f64),
                 statements: Default::default(),
             };
-            last = p
-                .apply(&[row(Some(t as f64 / 10.0))], Vec::new(), &ctx)
-                .unwrap();
-            assert_eq!(last.len(), 1);
-            assert_eq!(&*last[0].name, ETA_METRIC);
+            let rows = [row(Some(t as f64 / 10.0))];
+            let families = state
+                .families(&def, std::time::Duration::from_secs(1), &rows[..], &ctx)
+                .unwrap_or_else(|e| panic!("{}", e.message));
+            last = families
+                .into_iter()
+                .filter(|f| &*f.name == "pg_create_index_eta_seconds")
+                .collect();
+            assert_eq!(last.len(), 1, "declared once in queries/indexes.yaml");
+            assert_eq!(
+                last[0].samples.len(),
+                usize::from(t == 2),
+                "an ETA from the third poll on"
+            );
         }
         let s = &last[0].samples;
         assert_eq!(s.len(), 1);
@@ -603,7 +576,7 @@ mod tests {
             now: t0,
             statements: Default::default(),
         };
-        let e = p.apply(&[bad], Vec::new(), &ctx).unwrap_err();
+        let e = IndexEtaStep::default().run(&[bad], &ctx).err().unwrap();
         assert_eq!(e.kind, ErrorKind::Decode);
         assert!(e.message.contains("\"relation\""), "{}", e.message);
     }

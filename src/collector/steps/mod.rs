@@ -1,7 +1,10 @@
-//! Stateful steps after rows become families, for what SQL and YAML cannot express:
-//! counters integrated over time (`accumulate: true`) and the named Rust processors
-//! (`processor: statements`, `processor: create_index_progress`). State is kept per
-//! (target, collector, database) by the poller and lives as long as the process.
+//! Rust steps, for what SQL and YAML cannot express. A collector's named step
+//! (`processor: statements`, `processor: create_index_progress`) reads the poll's rows and
+//! returns a [`Table`] with computed columns (and rows of its own, such as `other` sums);
+//! the pack's metrics, declared in YAML like any other, map that table. Counters integrated
+//! over time (`accumulate: true`) are the one step applied to families, after the mapping.
+//! State is kept per (target, collector, database) by the poller and lives as long as the
+//! process.
 
 pub mod index_eta;
 pub mod statements;
@@ -11,14 +14,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Row;
-
 use crate::collector::pack::{CollectorDef, ProcessorKind};
+use crate::collector::rows;
+use crate::collector::table::Table;
 use crate::config::StatementsConfig;
 use crate::metric::{Family, Sample};
+use crate::postgres::value::Columns;
 use crate::postgres::PgError;
 
-/// What a processor knows about the poll it is processing.
+/// What a step knows about the poll it is processing.
 pub struct Context<'a> {
     /// The collector being processed.
     pub def: &'a CollectorDef,
@@ -30,41 +34,37 @@ pub struct Context<'a> {
     pub statements: StatementsConfig,
 }
 
-/// A named Rust step: takes the rows and the families the YAML mapping made from them,
-/// returns the families to store.
-pub trait Processor: Send {
-    /// Which rows the YAML mapping should turn into series (`None`: all of them). Runs
-    /// before [`Processor::process`] in the same poll.
-    fn select(&mut self, _rows: &[Row], _ctx: &Context) -> Result<Option<Vec<usize>>, PgError> {
-        Ok(None)
+/// A collector's Rust step, with the state it keeps between polls.
+enum Step {
+    Statements(statements::StatementsStep),
+    IndexEta(index_eta::IndexEtaStep),
+}
+
+impl Step {
+    fn new(kind: ProcessorKind) -> Step {
+        match kind {
+            ProcessorKind::Statements => Step::Statements(Default::default()),
+            ProcessorKind::CreateIndexProgress => Step::IndexEta(Default::default()),
+        }
     }
 
-    fn process(
+    fn run<'r, R: Columns>(
         &mut self,
-        rows: &[Row],
-        families: Vec<Family>,
+        rows: &'r [R],
         ctx: &Context,
-    ) -> Result<Vec<Family>, PgError>;
-}
-
-/// Builds a fresh processor of `kind`.
-pub fn new(kind: ProcessorKind) -> Box<dyn Processor> {
-    match kind {
-        ProcessorKind::Statements => {
-            Box::new(crate::collector::steps::statements::StatementsProcessor::default())
-        }
-        ProcessorKind::CreateIndexProgress => {
-            Box::new(crate::collector::steps::index_eta::ProgressProcessor::default())
+    ) -> Result<Table<'r, R>, PgError> {
+        match self {
+            Step::Statements(s) => s.run(rows, ctx),
+            Step::IndexEta(s) => s.run(rows, ctx),
         }
     }
 }
 
-/// The metric names a processor adds beyond the collector's YAML list, so a pack cannot
-/// define them twice.
-pub fn extra_metrics(kind: ProcessorKind) -> &'static [&'static str] {
+/// What a step adds to its collector's rows, for `check-config`.
+pub fn describe(kind: ProcessorKind) -> &'static str {
     match kind {
-        ProcessorKind::Statements => crate::collector::steps::statements::EXTRA_METRICS,
-        ProcessorKind::CreateIndexProgress => crate::collector::steps::index_eta::EXTRA_METRICS,
+        ProcessorKind::Statements => statements::DESCRIPTION,
+        ProcessorKind::CreateIndexProgress => index_eta::DESCRIPTION,
     }
 }
 
@@ -74,37 +74,31 @@ type Totals = HashMap<(Arc<str>, Vec<(Arc<str>, String)>), f64>;
 /// Per (collector, database) state kept between polls.
 #[derive(Default)]
 pub struct CollectorState {
-    processor: Option<Box<dyn Processor>>,
+    step: Option<Step>,
     totals: Totals,
     last_poll: Option<Instant>,
 }
 
 impl CollectorState {
-    /// The rows the YAML mapping should use this poll (`None`: all).
-    pub fn select(
-        &mut self,
-        def: &CollectorDef,
-        rows: &[Row],
-        ctx: &Context,
-    ) -> Result<Option<Vec<usize>>, PgError> {
-        match def.processor {
-            None => Ok(None),
-            Some(kind) => self
-                .processor
-                .get_or_insert_with(|| new(kind))
-                .select(rows, ctx),
-        }
-    }
-
-    /// Applies accumulation and the collector's processor to one poll's families.
-    pub fn apply(
+    /// One poll's rows → the collector's metric families: through its Rust step (if any),
+    /// the pack's metric mapping, then accumulation.
+    pub fn families<R: Columns>(
         &mut self,
         def: &CollectorDef,
         interval: Duration,
-        rows: &[Row],
-        mut families: Vec<Family>,
+        rows: &[R],
         ctx: &Context,
     ) -> Result<Vec<Family>, PgError> {
+        let mut families = match def.processor {
+            None => rows::to_families(def, rows, ctx.base_labels, ctx.database)?,
+            Some(kind) => {
+                let table = self
+                    .step
+                    .get_or_insert_with(|| Step::new(kind))
+                    .run(rows, ctx)?;
+                rows::to_families(def, &table, ctx.base_labels, ctx.database)?
+            }
+        };
         // A long gap (database down, pgvigil paused) is not integrated at today's value:
         // at most two intervals count.
         let dt = self
@@ -118,13 +112,7 @@ impl CollectorState {
                 accumulate(&mut self.totals, family, dt);
             }
         }
-        match def.processor {
-            None => Ok(families),
-            Some(kind) => self
-                .processor
-                .get_or_insert_with(|| new(kind))
-                .process(rows, families, ctx),
-        }
+        Ok(families)
     }
 }
 

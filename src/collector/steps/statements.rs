@@ -22,27 +22,32 @@
 //!   and truncated by [`crate::sql::mask_literals`].
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
-use tokio_postgres::Row;
-
-use crate::collector::pack::{CollectorDef, MetricDef};
-use crate::collector::rows::Columns;
-use crate::collector::steps::window::{self, Cumulative, Window};
-use crate::collector::steps::{Context, Processor};
+use crate::collector::pack::CollectorDef;
+use crate::collector::steps::window::{self, Cumulative};
+use crate::collector::steps::Context;
+use crate::collector::table::{Cell, Table};
 use crate::metric::MetricType;
-use crate::metric::{Family, Sample};
+use crate::postgres::value::Columns;
 use crate::postgres::{ErrorKind, PgError};
 
-/// Metric names this processor adds to the collector's YAML ones.
-pub const EXTRA_METRICS: &[&str] = &[
-    "pg_stat_statements_window_calls",
-    "pg_stat_statements_window_exec_seconds_mean",
-    "pg_stat_statements_window_exec_seconds_stddev",
-    "pg_stat_statements_query_info",
-    "pg_stat_statements_dealloc_total",
-    "pg_stat_statements_stats_reset_timestamp_seconds",
+/// The columns this step computes; the pack's metrics read them like query columns.
+const COLUMNS: &[&str] = &[
+    "window_calls",
+    "window_exec_seconds_mean",
+    "window_exec_seconds_stddev",
+    // Masked and truncated: hides the query's raw `query` column.
+    "query",
+    "in_top_n",
+    "dealloc_total",
+    "stats_reset_timestamp_seconds",
 ];
+
+/// For `check-config`.
+pub const DESCRIPTION: &str = "per-query rows for the top N queries only (statements.top_n), \
+with window_calls, window_exec_seconds_mean/stddev, masked query text and in_top_n; one \
+queryid=\"other\" row per (datname, user) whose counters accumulate the deltas of every \
+query without its own series; one row with dealloc_total and stats_reset_timestamp_seconds";
 
 /// The label columns that identify an entry.
 const KEY_LABELS: [&str; 4] = ["datname", "user", "queryid", "toplevel"];
@@ -74,53 +79,34 @@ struct Entry {
     row: usize,
 }
 
-/// What [`StatementsProcessor::select_rows`] decided, for the rest of the same poll.
-#[derive(Default)]
-struct Poll {
-    entries: Vec<Entry>,
-    /// Column indices of datname, user, queryid, toplevel.
-    key_cols: [usize; 4],
-    info: Option<Info>,
-    /// Window of each entry that has one, by entry index.
-    windows: HashMap<usize, Window>,
-    scores: HashMap<Key, f64>,
-    members: HashSet<Key>,
+/// What is remembered of an entry until the next poll.
+struct Seen {
+    cum: Cumulative,
+    stats_since: Option<f64>,
+    /// The counter columns' values (NaN for NULL), in [`counter_columns`] order.
+    counters: Box<[f64]>,
+    /// It had its own series.
+    member: bool,
+}
+
+/// The `other` series of one (datname, user): running totals by counter column.
+struct Other {
+    datname: String,
+    user: String,
+    totals: Vec<(String, f64)>,
 }
 
 /// State kept between polls of one target.
 #[derive(Default)]
-pub struct StatementsProcessor {
-    prev: HashMap<Key, (Cumulative, Option<f64>)>,
+pub struct StatementsStep {
+    prev: HashMap<Key, Seen>,
     /// `pg_stat_statements_info` (dealloc, stats_reset) at the previous poll.
     prev_info: Option<Info>,
     scores: HashMap<Key, f64>,
     members: HashSet<Key>,
-    /// Set by `select`, consumed by `process` of the same poll.
-    poll: Option<Poll>,
-}
-
-impl Processor for StatementsProcessor {
-    /// Only the top-N rows go through the YAML mapping: with thousands of statements,
-    /// building every per-query series only to sum most of them away would cost far more
-    /// memory and CPU than the exposition itself.
-    fn select(&mut self, rows: &[Row], ctx: &Context) -> Result<Option<Vec<usize>>, PgError> {
-        self.select_rows(rows, ctx.statements.top_n).map(Some)
-    }
-
-    fn process(
-        &mut self,
-        rows: &[Row],
-        families: Vec<Family>,
-        ctx: &Context,
-    ) -> Result<Vec<Family>, PgError> {
-        self.finish(
-            rows,
-            families,
-            ctx.def,
-            ctx.base_labels,
-            ctx.statements.query_max_len,
-        )
-    }
+    /// In first-seen order, so the exposition order is stable.
+    others: Vec<Other>,
+    polled: bool,
 }
 
 fn decode_error(e: impl std::fmt::Display) -> PgError {
@@ -227,20 +213,48 @@ fn select(scores: &HashMap<Key, f64>, members: &HashSet<Key>, n: usize) -> HashS
     chosen.into_iter().map(|(k, _)| *k).collect()
 }
 
-impl StatementsProcessor {
-    /// Reads every row's key and timing, computes windows and scores, picks the members;
-    /// returns the rows of the members (the only ones mapped to per-query series).
-    fn select_rows<R: Columns>(&mut self, rows: &[R], top_n: usize) -> Result<Vec<usize>, PgError> {
+/// The value columns of the collector's counters, which `other` accumulates (computed
+/// columns excluded: they are not per-query).
+fn counter_columns(def: &CollectorDef) -> Vec<&str> {
+    let mut cols: Vec<&str> = Vec::new();
+    for m in &def.metrics.0 {
+        if let (MetricType::Counter, Some(v)) = (m.kind, m.value.as_deref()) {
+            if !COLUMNS.contains(&v) && !cols.contains(&v) {
+                cols.push(v);
+            }
+        }
+    }
+    cols
+}
+
+impl StatementsStep {
+    /// Reads every row's key, timing and counters; computes windows and scores, picks the
+    /// members, and accumulates `other`. Returns the members' rows with their computed
+    /// columns, the `other` rows and the info row.
+    pub fn run<'r, R: Columns>(
+        &mut self,
+        rows: &'r [R],
+        ctx: &Context,
+    ) -> Result<Table<'r, R>, PgError> {
+        let mut table = Table::new(rows, COLUMNS);
         let (entries, key_cols, info) = parse_rows(rows)?;
+        let counter_names = counter_columns(ctx.def);
+        let counter_cols = match rows.first() {
+            Some(first) => counter_names
+                .iter()
+                .map(|c| column(first, c))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
         // On 14-16 an eviction or reset shows only in pg_stat_statements_info.
         let info_changed = matches!((&self.prev_info, &info), (Some(a), Some(b)) if a != b);
         let mut windows = HashMap::new();
         let mut scores = HashMap::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
             let w = match self.prev.get(&e.key) {
-                Some((_, since)) if *since != e.stats_since => None,
+                Some(p) if p.stats_since != e.stats_since => None,
                 Some(_) if info_changed && e.stats_since.is_none() => None,
-                Some((prev, _)) => window::window(prev, &e.cum),
+                Some(p) => window::window(&p.cum, &e.cum),
                 None => None,
             };
             let raw = w.map(|w| w.total).unwrap_or(e.cum.total);
@@ -253,252 +267,163 @@ impl StatementsProcessor {
                 windows.insert(i, w);
             }
         }
-        let members = select(&scores, &self.members, top_n);
-        let member_rows = entries
-            .iter()
-            .filter(|e| members.contains(&e.key))
-            .map(|e| e.row)
-            .collect();
-        self.poll = Some(Poll {
-            entries,
-            key_cols,
-            info,
-            windows,
-            scores,
-            members,
-        });
-        Ok(member_rows)
-    }
+        let members = select(&scores, &self.members, ctx.statements.top_n);
 
-    /// Completes the poll: `families` are the members' per-query series; adds `other`,
-    /// windows, query text and the info metrics, and remembers this poll for the next.
-    fn finish<R: Columns>(
-        &mut self,
-        rows: &[R],
-        mut families: Vec<Family>,
-        def: &CollectorDef,
-        base: &[(Arc<str>, String)],
-        query_max_len: usize,
-    ) -> Result<Vec<Family>, PgError> {
-        let poll = match self.poll.take() {
-            Some(p) => p,
-            None => {
-                // `select` did not run (cannot happen through the poller); do it now.
-                self.select_rows(rows, usize::MAX)?;
-                self.poll.take().unwrap_or_default()
+        let mut seen = HashMap::with_capacity(entries.len());
+        let mut deltas: Vec<((String, String), Vec<f64>)> = Vec::new();
+        for e in &entries {
+            let row = &rows[e.row];
+            let counters = counter_cols
+                .iter()
+                .map(|&i| Ok(row.number(i).map_err(decode_error)?.unwrap_or(f64::NAN)))
+                .collect::<Result<Box<[f64]>, PgError>>()?;
+            let member = members.contains(&e.key);
+            let delta = other_delta(self.prev.get(&e.key), self.polled, e, &counters, member);
+            if let Some(delta) = delta {
+                let group = (
+                    row.label(key_cols[0]).map_err(decode_error)?,
+                    row.label(key_cols[1]).map_err(decode_error)?,
+                );
+                match deltas.iter_mut().find(|(g, _)| *g == group) {
+                    Some((_, sum)) => add(sum, &delta),
+                    None => deltas.push((group, delta)),
+                }
             }
-        };
-        let others: Vec<usize> = poll
-            .entries
-            .iter()
-            .filter(|e| !poll.members.contains(&e.key))
-            .map(|e| e.row)
-            .collect();
-        for (family, metric) in families.iter_mut().zip(&def.metrics.0) {
-            if metric.kind == MetricType::Counter {
-                family
-                    .samples
-                    .extend(other_samples(rows, &others, metric, base)?);
-            }
+            seen.insert(
+                e.key,
+                Seen {
+                    cum: e.cum,
+                    stats_since: e.stats_since,
+                    counters,
+                    member,
+                },
+            );
         }
-        families.extend(window_families(rows, &poll, base)?);
-        families.push(query_info(rows, &poll, base, query_max_len)?);
-        if let Some((dealloc, reset)) = poll.info {
-            families.extend(info_families(dealloc, reset, base));
-        }
-        self.prev = poll
-            .entries
-            .iter()
-            .map(|e| (e.key, (e.cum, e.stats_since)))
-            .collect();
-        self.prev_info = poll.info;
-        self.scores = poll.scores;
-        self.members = poll.members;
-        Ok(families)
-    }
-}
-
-/// The sum of a counter over the non-member rows, one sample per combination of its
-/// other labels, with `queryid="other"` and `toplevel=""`.
-fn other_samples<R: Columns>(
-    rows: &[R],
-    others: &[usize],
-    metric: &MetricDef,
-    base: &[(Arc<str>, String)],
-) -> Result<Vec<Sample>, PgError> {
-    let (Some(first), Some(value)) = (rows.first(), metric.value.as_deref()) else {
-        return Ok(Vec::new());
-    };
-    let value = column(first, value)?;
-    let labels = metric
-        .labels
-        .iter()
-        .map(|l| column(first, &l.0).map(|i| (l.0.as_str(), i)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut sums: Vec<(Vec<String>, f64)> = Vec::new();
-    let mut at: HashMap<Vec<String>, usize> = HashMap::new();
-    for &r in others {
-        let Some(row) = rows.get(r) else { continue };
-        let Some(v) = row.number(value).map_err(decode_error)? else {
-            continue;
-        };
-        let mut key = Vec::with_capacity(labels.len());
-        for (name, i) in &labels {
-            key.push(match *name {
-                "queryid" => "other".to_string(),
-                "toplevel" => String::new(),
-                _ => row.label(*i).map_err(decode_error)?,
-            });
-        }
-        match at.get(&key) {
-            Some(&i) => sums[i].1 += v,
-            None => {
-                at.insert(key.clone(), sums.len());
-                sums.push((key, v));
+        for ((datname, user), delta) in deltas {
+            let at = match self
+                .others
+                .iter()
+                .position(|o| o.datname == datname && o.user == user)
+            {
+                Some(at) => at,
+                None => {
+                    self.others.push(Other {
+                        datname,
+                        user,
+                        totals: Vec::new(),
+                    });
+                    self.others.len() - 1
+                }
+            };
+            let totals = &mut self.others[at].totals;
+            for (name, d) in counter_names.iter().zip(delta) {
+                if d.is_nan() {
+                    continue;
+                }
+                match totals.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, t)) => *t += d,
+                    None => totals.push((name.to_string(), d)),
+                }
             }
         }
-    }
-    Ok(sums
-        .into_iter()
-        .map(|(values, value)| {
-            let mut l = base.to_vec();
-            for ((name, _), v) in labels.iter().zip(values) {
-                l.push((Arc::from(*name), v));
+
+        if let Some(first) = rows.first() {
+            let query = column(first, "query")?;
+            for (i, e) in entries.iter().enumerate() {
+                if !members.contains(&e.key) {
+                    continue;
+                }
+                let w = windows.get(&i);
+                let text = rows[e.row].label(query).map_err(decode_error)?;
+                let busy = w.filter(|w| w.calls > 0);
+                table.keep(
+                    e.row,
+                    vec![
+                        Cell::from(w.map(|w| w.calls as f64)),
+                        Cell::from(busy.map(|w| w.mean)),
+                        Cell::from(busy.map(|w| w.stddev)),
+                        Cell::Text(crate::sql::mask_literals(
+                            &text,
+                            ctx.statements.query_max_len,
+                        )),
+                        Cell::Number(1.0),
+                    ],
+                );
             }
-            for (k, v) in &metric.static_labels {
-                l.push((Arc::from(k.0.as_str()), v.clone()));
+            for o in &self.others {
+                let mut cells = vec![
+                    (KEY_LABELS[0], Cell::Text(o.datname.clone())),
+                    (KEY_LABELS[1], Cell::Text(o.user.clone())),
+                    (KEY_LABELS[2], Cell::Text("other".into())),
+                    (KEY_LABELS[3], Cell::Text(String::new())),
+                ];
+                cells.extend(o.totals.iter().map(|(n, t)| (n.as_str(), Cell::Number(*t))));
+                table.make(cells).map_err(decode_error)?;
             }
-            Sample { labels: l, value }
-        })
-        .collect())
-}
-
-fn key_labels(base: &[(Arc<str>, String)], key: [String; 4]) -> Vec<(Arc<str>, String)> {
-    let mut l = base.to_vec();
-    for (name, v) in KEY_LABELS.iter().zip(key) {
-        l.push((Arc::from(*name), v.clone()));
-    }
-    l
-}
-
-fn gauge(name: &str, help: &str) -> Family {
-    Family {
-        name: Arc::from(name),
-        help: Arc::from(help),
-        kind: MetricType::Gauge,
-        samples: Vec::new(),
-    }
-}
-
-fn window_families<R: Columns>(
-    rows: &[R],
-    poll: &Poll,
-    base: &[(Arc<str>, String)],
-) -> Result<Vec<Family>, PgError> {
-    let mut calls = gauge(
-        "pg_stat_statements_window_calls",
-        "Executions between the last two polls.",
-    );
-    let mut mean = gauge(
-        "pg_stat_statements_window_exec_seconds_mean",
-        "Mean execution time of the executions between the last two polls.",
-    );
-    let mut stddev = gauge(
-        "pg_stat_statements_window_exec_seconds_stddev",
-        "Population standard deviation of execution time between the last two polls.",
-    );
-    for (i, e) in poll.entries.iter().enumerate() {
-        if !poll.members.contains(&e.key) {
-            continue;
+            let (dealloc, reset) = info.unwrap_or_default();
+            table
+                .make(vec![
+                    ("dealloc_total", Cell::from(dealloc)),
+                    ("stats_reset_timestamp_seconds", Cell::from(reset)),
+                ])
+                .map_err(decode_error)?;
         }
-        let Some(w) = poll.windows.get(&i) else {
-            continue;
-        };
-        let labels = key_labels(base, row_key(&rows[e.row], &poll.key_cols)?);
-        calls.samples.push(Sample {
-            labels: labels.clone(),
-            value: w.calls as f64,
-        });
-        if w.calls > 0 {
-            mean.samples.push(Sample {
-                labels: labels.clone(),
-                value: w.mean,
-            });
-            stddev.samples.push(Sample {
-                labels,
-                value: w.stddev,
-            });
+
+        self.prev = seen;
+        self.prev_info = info;
+        self.scores = scores;
+        self.members = members;
+        self.polled = true;
+        Ok(table)
+    }
+}
+
+/// What an entry adds to `other` for the interval since the previous poll, by counter
+/// column (NaN: nothing): its executions in the interval unless it had its own series at
+/// both ends of it. At the first poll, the non-members' whole history. An entry that was
+/// reset or evicted and re-entered (calls went down, `stats_since` moved) adds nothing:
+/// its delta is unknown, and a negative one would make `other` decrease.
+fn other_delta(
+    prev: Option<&Seen>,
+    polled: bool,
+    e: &Entry,
+    now: &[f64],
+    member: bool,
+) -> Option<Vec<f64>> {
+    match prev {
+        // First poll: members keep their history in their own series.
+        None if !polled && member => None,
+        // First poll's non-members, and entries new since the previous poll: all their
+        // executions are in the interval.
+        None => Some(now.to_vec()),
+        Some(p) if p.member && member => None,
+        Some(p) if e.cum.calls < p.cum.calls || p.stats_since != e.stats_since => None,
+        Some(p) => Some(
+            now.iter()
+                .zip(p.counters.iter())
+                .map(|(n, p)| match (n.is_nan(), p.is_nan()) {
+                    (true, _) => f64::NAN,
+                    (false, true) => *n,
+                    (false, false) => (n - p).max(0.0),
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Adds `delta` into `sum`, NaN meaning "nothing".
+fn add(sum: &mut [f64], delta: &[f64]) {
+    for (s, d) in sum.iter_mut().zip(delta) {
+        if !d.is_nan() {
+            *s = if s.is_nan() { *d } else { *s + d };
         }
     }
-    Ok(vec![calls, mean, stddev])
-}
-
-fn query_info<R: Columns>(
-    rows: &[R],
-    poll: &Poll,
-    base: &[(Arc<str>, String)],
-    max_len: usize,
-) -> Result<Family, PgError> {
-    let mut f = Family {
-        name: Arc::from("pg_stat_statements_query_info"),
-        help: Arc::from("Normalized text of the top queries, literals masked and truncated."),
-        kind: MetricType::Info,
-        samples: Vec::new(),
-    };
-    let Some(first) = rows.first() else {
-        return Ok(f);
-    };
-    let query = column(first, "query")?;
-    for e in poll
-        .entries
-        .iter()
-        .filter(|e| poll.members.contains(&e.key))
-    {
-        let text = rows[e.row].label(query).map_err(decode_error)?;
-        let mut labels = key_labels(base, row_key(&rows[e.row], &poll.key_cols)?);
-        labels.push((
-            Arc::from("query"),
-            crate::sql::mask_literals(&text, max_len),
-        ));
-        f.samples.push(Sample { labels, value: 1.0 });
-    }
-    Ok(f)
-}
-
-fn info_families(
-    dealloc: Option<f64>,
-    reset: Option<f64>,
-    base: &[(Arc<str>, String)],
-) -> Vec<Family> {
-    let mut out = Vec::new();
-    if let Some(d) = dealloc {
-        out.push(Family {
-            name: Arc::from("pg_stat_statements_dealloc_total"),
-            help: Arc::from("Times pg_stat_statements evicted its least-used entries (pg_stat_statements.max reached)."),
-            kind: MetricType::Counter,
-            samples: vec![Sample {
-                labels: base.to_vec(),
-                value: d,
-            }],
-        });
-    }
-    if let Some(r) = reset {
-        let mut f = gauge(
-            "pg_stat_statements_stats_reset_timestamp_seconds",
-            "When pg_stat_statements was last reset as a whole (Unix time).",
-        );
-        f.samples.push(Sample {
-            labels: base.to_vec(),
-            value: r,
-        });
-        out.push(f);
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn key(q: &str) -> Key {
         hash_key(&["db".into(), "u".into(), q.into(), "true".into()])
@@ -530,54 +455,164 @@ mod tests {
         );
     }
 
-    #[test]
-    fn only_members_are_mapped_and_the_rest_is_summed_into_other() {
-        use crate::collector::rows::fixtures::Fake;
-        let row = |q: &'static str, calls: f64, total: f64| {
-            Fake(vec![
-                ("datname", None, "db"),
-                ("user", None, "u"),
-                ("queryid", None, q),
-                ("toplevel", None, "true"),
-                ("calls", Some(calls), ""),
-                ("exec_seconds_total", Some(total), ""),
-                ("exec_seconds_mean", Some(total / calls), ""),
-                ("exec_seconds_stddev", Some(0.0), ""),
-                ("stats_since", None, ""),
-                ("dealloc", Some(0.0), ""),
-                ("info_reset", None, ""),
-                ("query", None, "SELECT 1"),
-            ])
-        };
-        let rows = vec![row("a", 10.0, 9.0), row("b", 2.0, 1.0), row("c", 3.0, 2.0)];
-        let def: CollectorDef = serde_yaml_ng::from_str(
-            "name: s\nhelp: h\nqueries: [{sql: x}]\nmetrics:\n  - {name: c_total, type: counter, help: h, value: calls, labels: [datname, user, queryid, toplevel]}\n",
-        )
-        .unwrap();
-        let base = vec![(Arc::from("target"), "t".to_string())];
-        let mut p = StatementsProcessor::default();
-        let picked = p.select_rows(&rows, 1).unwrap();
-        assert_eq!(picked, vec![0], "only the heaviest entry is mapped");
-        let member_rows: Vec<&Fake> = picked.iter().map(|&i| &rows[i]).collect();
-        let families = crate::collector::rows::to_families(&def, &member_rows, &base, "").unwrap();
-        let out = p.finish(&rows, families, &def, &base, 200).unwrap();
-        let calls = &out[0];
-        assert_eq!(calls.samples.len(), 2);
-        assert_eq!(key_of(&calls.samples[0].labels)[2], "a");
-        let other = &calls.samples[1];
-        assert_eq!(other.value, 5.0, "b + c");
-        assert_eq!(key_of(&other.labels)[2], "other");
-        assert_eq!(key_of(&other.labels)[3], "");
-        let info = out
+    use crate::collector::rows::fixtures::Fake;
+    use crate::collector::steps::CollectorState;
+    use crate::metric::Family;
+
+    /// A row of the built-in statements query.
+    fn row(q: &'static str, calls: f64, total: f64) -> Fake {
+        Fake(vec![
+            ("datname", None, "db"),
+            ("user", None, "u"),
+            ("queryid", None, q),
+            ("toplevel", None, "true"),
+            ("calls", Some(calls), ""),
+            ("exec_seconds_total", Some(total), ""),
+            ("exec_seconds_mean", Some(total / calls), ""),
+            ("exec_seconds_stddev", Some(0.0), ""),
+            ("exec_seconds_min", Some(0.0), ""),
+            ("exec_seconds_max", Some(1.0), ""),
+            ("plan_seconds_total", None, ""),
+            ("rows", Some(calls), ""),
+            ("shared_blks_hit", Some(0.0), ""),
+            ("shared_blks_read", Some(0.0), ""),
+            ("temp_blks_written", Some(0.0), ""),
+            ("block_read_seconds_total", Some(0.0), ""),
+            ("query", None, "SELECT 1 FROM t WHERE x = 'secret'"),
+            ("stats_since", None, ""),
+            ("dealloc", Some(0.0), ""),
+            ("info_reset", None, ""),
+        ])
+    }
+
+    /// Polls the built-in statements collector (top N = 1) once per slice of rows.
+    struct Poller {
+        def: CollectorDef,
+        state: CollectorState,
+    }
+
+    impl Poller {
+        fn new() -> Poller {
+            Poller {
+                def: crate::collector::pack::tests_support::builtin("statements"),
+                state: CollectorState::default(),
+            }
+        }
+        fn poll(&mut self, rows: &[Fake]) -> Vec<Family> {
+            let base = vec![(Arc::from("target"), "t".to_string())];
+            let ctx = Context {
+                def: &self.def,
+                base_labels: &base,
+                database: "",
+                now: std::time::Instant::now(),
+                statements: crate::config::StatementsConfig {
+                    top_n: 1,
+                    ..Default::default()
+                },
+            };
+            let interval = std::time::Duration::from_secs(1);
+            self.state
+                .families(&self.def, interval, rows, &ctx)
+                .unwrap_or_else(|e| panic!("{}", e.message))
+        }
+    }
+
+    fn family<'a>(out: &'a [Family], name: &str) -> &'a Family {
+        out.iter()
+            .find(|f| &*f.name == name)
+            .unwrap_or_else(|| panic!("{name} is not declared"))
+    }
+
+    /// (queryid, value) of a family's samples.
+    fn by_query(f: &Family) -> Vec<(String, f64)> {
+        f.samples
             .iter()
-            .find(|f| &*f.name == "pg_stat_statements_query_info")
-            .unwrap();
-        assert_eq!(info.samples.len(), 1);
+            .map(|s| (key_of(&s.labels)[2].clone(), s.value))
+            .collect()
+    }
+
+    #[test]
+    fn only_members_get_series_and_the_rest_is_summed_into_other() {
+        let mut p = Poller::new();
+        let out = p.poll(&[row("a", 10.0, 9.0), row("b", 2.0, 1.0), row("c", 3.0, 2.0)]);
+        let calls = family(&out, "pg_stat_statements_calls_total");
+        assert_eq!(by_query(calls), [("a".into(), 10.0), ("other".into(), 5.0)]);
         assert_eq!(
-            out.iter()
-                .filter(|f| &*f.name == "pg_stat_statements_dealloc_total")
-                .count(),
-            1
+            key_of(&calls.samples[1].labels)[3],
+            "",
+            "other has no toplevel"
+        );
+        let mean = family(&out, "pg_stat_statements_exec_seconds_mean");
+        assert_eq!(
+            by_query(mean),
+            [("a".into(), 0.9)],
+            "gauges of other are dropped"
+        );
+        let info = family(&out, "pg_stat_statements_query_info");
+        assert_eq!(info.samples.len(), 1);
+        let query = info.samples[0].labels.iter().find(|(k, _)| &**k == "query");
+        assert_eq!(
+            query.map(|(_, v)| v.as_str()),
+            Some("SELECT ? FROM t WHERE x = ?")
+        );
+        let dealloc = family(&out, "pg_stat_statements_dealloc_total");
+        assert_eq!(dealloc.samples.len(), 1);
+        assert_eq!(dealloc.samples[0].labels.len(), 1, "target label only");
+        assert!(family(&out, "pg_stat_statements_window_calls")
+            .samples
+            .is_empty());
+        assert!(family(&out, "pg_stat_statements_plan_seconds_total")
+            .samples
+            .is_empty());
+    }
+
+    #[test]
+    fn other_only_grows_when_queries_enter_and_leave_the_top_n() {
+        let mut p = Poller::new();
+        let other = |out: &[Family]| {
+            by_query(family(out, "pg_stat_statements_calls_total"))
+                .into_iter()
+                .find(|(q, _)| q == "other")
+                .map(|(_, v)| v)
+        };
+        let out = p.poll(&[row("a", 10.0, 9.0), row("b", 2.0, 1.0), row("c", 3.0, 2.0)]);
+        assert_eq!(other(&out), Some(5.0));
+        // b takes a's place: b's 100 new calls go to other (it had no series at the start
+        // of the interval), a hands over no history, c adds its 1.
+        let out = p.poll(&[
+            row("a", 10.0, 9.0),
+            row("b", 102.0, 100.0),
+            row("c", 4.0, 2.1),
+        ]);
+        let calls = by_query(family(&out, "pg_stat_statements_calls_total"));
+        assert_eq!(calls, [("b".into(), 102.0), ("other".into(), 106.0)]);
+        // a, now outside, hands its later calls to other; b, a member at both ends, not.
+        let out = p.poll(&[
+            row("a", 15.0, 9.1),
+            row("b", 110.0, 108.0),
+            row("c", 4.0, 2.1),
+        ]);
+        assert_eq!(other(&out), Some(111.0));
+        // c was reset (calls went down): it adds nothing, and nothing is taken back.
+        let out = p.poll(&[
+            row("a", 15.0, 9.1),
+            row("b", 120.0, 118.0),
+            row("c", 1.0, 0.1),
+        ]);
+        assert_eq!(other(&out), Some(111.0));
+        // A new query outside the top N brings all its calls, made in the interval.
+        let out = p.poll(&[
+            row("a", 15.0, 9.1),
+            row("b", 130.0, 128.0),
+            row("c", 1.0, 0.1),
+            row("d", 7.0, 0.7),
+        ]);
+        assert_eq!(other(&out), Some(118.0));
+        let rows_total = family(&out, "pg_stat_statements_rows_total");
+        assert_eq!(
+            by_query(rows_total).last(),
+            Some(&("other".into(), 118.0)),
+            "every counter of the pack follows the same rule"
         );
     }
 
