@@ -91,17 +91,17 @@ enum TableRow {
 pub struct Table<'r, R> {
     base: &'r [R],
     base_width: usize,
-    computed: Vec<&'static str>,
+    computed: Vec<String>,
     rows: Vec<TableRow>,
 }
 
 impl<'r, R: Columns> Table<'r, R> {
     /// An empty table over `base` whose rows will carry the `computed` columns.
-    pub fn new(base: &'r [R], computed: &[&'static str]) -> Self {
+    pub fn new<S: Into<String>>(base: &'r [R], computed: impl IntoIterator<Item = S>) -> Self {
         Table {
             base,
             base_width: base.first().map_or(0, |r| r.columns().len()),
-            computed: computed.to_vec(),
+            computed: computed.into_iter().map(Into::into).collect(),
             rows: Vec::new(),
         }
     }
@@ -148,7 +148,7 @@ impl<R: Columns> Rows for Table<'_, R> {
     }
     fn columns(&self) -> Vec<String> {
         let mut names = self.base.columns();
-        names.extend(self.computed.iter().map(|c| c.to_string()));
+        names.extend(self.computed.iter().cloned());
         names
     }
     fn number(&self, row: usize, idx: usize) -> Result<Option<f64>, String> {
@@ -184,7 +184,7 @@ mod tests {
             Fake(vec![("q", None, "raw 1"), ("n", Some(1.0), "")]),
             Fake(vec![("q", None, "raw 2"), ("n", Some(2.0), "")]),
         ];
-        let mut t = Table::new(&base, &["q", "extra"]);
+        let mut t = Table::new(&base, ["q", "extra"]);
         t.keep(1, vec![Cell::Text("masked".into()), Cell::Number(7.0)]);
         t.make(vec![
             ("n", Cell::Number(3.0)),

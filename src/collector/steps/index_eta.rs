@@ -282,7 +282,7 @@ impl IndexEtaStep {
                 )
             })?;
         let etas = self.tracker.update(ctx.now, &observations);
-        let mut table = Table::new(rows, &["eta_seconds"]);
+        let mut table = Table::new(rows, ["eta_seconds"]);
         for (row, eta) in etas.into_iter().enumerate() {
             table.keep(row, vec![Cell::from(eta.map(|e| e.max(0.0)))]);
         }

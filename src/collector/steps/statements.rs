@@ -87,6 +87,11 @@ struct Seen {
     counters: Box<[f64]>,
     /// It had its own series.
     member: bool,
+    /// For an entry that has had its own series: what it handed to `other` since, by
+    /// counter column. Its series is the cumulative value minus this, so a query that
+    /// leaves the top N and comes back continues where its series stopped instead of
+    /// jumping by the executions `other` already counted.
+    handed: Option<Box<[f64]>>,
 }
 
 /// The `other` series of one (datname, user): running totals by counter column.
@@ -236,9 +241,11 @@ impl StatementsStep {
         rows: &'r [R],
         ctx: &Context,
     ) -> Result<Table<'r, R>, PgError> {
-        let mut table = Table::new(rows, COLUMNS);
         let (entries, key_cols, info) = parse_rows(rows)?;
         let counter_names = counter_columns(ctx.def);
+        // The counters are computed columns too: members' series hide what they handed
+        // to `other`, and the `other` rows carry the running totals.
+        let mut table = Table::new(rows, COLUMNS.iter().chain(&counter_names).copied());
         let counter_cols = match rows.first() {
             Some(first) => counter_names
                 .iter()
@@ -278,7 +285,19 @@ impl StatementsStep {
                 .map(|&i| Ok(row.number(i).map_err(decode_error)?.unwrap_or(f64::NAN)))
                 .collect::<Result<Box<[f64]>, PgError>>()?;
             let member = members.contains(&e.key);
-            let delta = other_delta(self.prev.get(&e.key), self.polled, e, &counters, member);
+            let prev = self.prev.get(&e.key);
+            let delta = other_delta(prev, self.polled, e, &counters, member);
+            let mut handed = prev.and_then(|p| match &p.handed {
+                // A reset restarts the entry's counters, and its series with them.
+                Some(_) if reset(p, e) => Some(vec![0.0; counters.len()].into_boxed_slice()),
+                h => h.clone(),
+            });
+            if let (Some(h), Some(d)) = (handed.as_mut(), delta.as_ref()) {
+                add(h, d);
+            }
+            if member && handed.is_none() {
+                handed = Some(vec![0.0; counters.len()].into_boxed_slice());
+            }
             if let Some(delta) = delta {
                 let group = (
                     row.label(key_cols[0]).map_err(decode_error)?,
@@ -296,6 +315,7 @@ impl StatementsStep {
                     stats_since: e.stats_since,
                     counters,
                     member,
+                    handed,
                 },
             );
         }
@@ -336,19 +356,29 @@ impl StatementsStep {
                 let w = windows.get(&i);
                 let text = rows[e.row].label(query).map_err(decode_error)?;
                 let busy = w.filter(|w| w.calls > 0);
-                table.keep(
-                    e.row,
-                    vec![
-                        Cell::from(w.map(|w| w.calls as f64)),
-                        Cell::from(busy.map(|w| w.mean)),
-                        Cell::from(busy.map(|w| w.stddev)),
-                        Cell::Text(crate::sql::mask_literals(
-                            &text,
-                            ctx.statements.query_max_len,
-                        )),
-                        Cell::Number(1.0),
-                    ],
-                );
+                let mut cells = vec![
+                    Cell::from(w.map(|w| w.calls as f64)),
+                    Cell::from(busy.map(|w| w.mean)),
+                    Cell::from(busy.map(|w| w.stddev)),
+                    Cell::Text(crate::sql::mask_literals(
+                        &text,
+                        ctx.statements.query_max_len,
+                    )),
+                    Cell::Number(1.0),
+                    Cell::Null,
+                    Cell::Null,
+                ];
+                let s = &seen[&e.key];
+                let handed = s.handed.as_deref().unwrap_or(&[]);
+                cells.extend(s.counters.iter().enumerate().map(|(j, v)| {
+                    let v = v - handed.get(j).copied().unwrap_or(0.0);
+                    if v.is_nan() {
+                        Cell::Null
+                    } else {
+                        Cell::Number(v)
+                    }
+                }));
+                table.keep(e.row, cells);
             }
             for o in &self.others {
                 let mut cells = vec![
@@ -397,7 +427,7 @@ fn other_delta(
         // executions are in the interval.
         None => Some(now.to_vec()),
         Some(p) if p.member && member => None,
-        Some(p) if e.cum.calls < p.cum.calls || p.stats_since != e.stats_since => None,
+        Some(p) if reset(p, e) => None,
         Some(p) => Some(
             now.iter()
                 .zip(p.counters.iter())
@@ -409,6 +439,11 @@ fn other_delta(
                 .collect(),
         ),
     }
+}
+
+/// The entry was reset, or evicted and re-entered, since the previous poll.
+fn reset(prev: &Seen, e: &Entry) -> bool {
+    e.cum.calls < prev.cum.calls || prev.stats_since != e.stats_since
 }
 
 /// Adds `delta` into `sum`, NaN meaning "nothing".
@@ -614,6 +649,17 @@ mod tests {
             Some(&("other".into(), 118.0)),
             "every counter of the pack follows the same rule"
         );
+        // a comes back: its 200 calls since poll 5 go to other (it had no series at the
+        // start of the interval), and its series continues at 10, where it stopped at
+        // poll 1, instead of jumping by what other already counted. b leaves with 1 call.
+        let out = p.poll(&[
+            row("a", 215.0, 600.0),
+            row("b", 131.0, 129.0),
+            row("c", 1.0, 0.1),
+            row("d", 7.0, 0.7),
+        ]);
+        let calls = by_query(family(&out, "pg_stat_statements_calls_total"));
+        assert_eq!(calls, [("a".into(), 10.0), ("other".into(), 319.0)]);
     }
 
     fn key_of(labels: &[(Arc<str>, String)]) -> [String; 4] {

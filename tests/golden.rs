@@ -1,0 +1,336 @@
+//! Golden files: rows recorded from a real PostgreSQL, for every built-in collector, go
+//! through the same steps and metric mapping as in production and must give exactly the
+//! exposition text in `tests/golden/<pack>.prom`. A renamed metric or label, a changed help
+//! text or type, or a step that computes something else fails here, without a database.
+//!
+//! - `PGVIGIL_UPDATE_GOLDEN=1 cargo nextest run --test golden` rewrites the `.prom` files
+//!   (read the diff before committing it).
+//! - `cargo nextest run --test golden --run-ignored only` records the rows again from a
+//!   throwaway PostgreSQL with a small workload (`tests/golden/rows/*.yaml`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgvigil::collector::pack::{Catalog, CollectorDef, BUILTIN_PACKS};
+use pgvigil::collector::steps::{CollectorState, Context};
+use pgvigil::exposition::{self, Format};
+use pgvigil::postgres::value::{Columns, SqlLabel, SqlNumber};
+use pgvigil::store::Snapshot;
+use serde_yaml_ng::Value;
+
+/// Collectors whose rows are written by hand, because a short recording cannot catch them
+/// (an index build in progress over several polls).
+const HAND_WRITTEN: &[&str] = &["create_index_progress"];
+
+/// Polls are this far apart (the steps that use time see it).
+const INTERVAL: Duration = Duration::from_secs(15);
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+/// A recorded row: columns in query order, numbers or text or NULL.
+struct Recorded(Vec<(String, Value)>);
+
+impl Columns for Recorded {
+    fn index_of(&self, column: &str) -> Option<usize> {
+        self.0.iter().position(|(c, _)| c == column)
+    }
+    fn columns(&self) -> Vec<String> {
+        self.0.iter().map(|(c, _)| c.clone()).collect()
+    }
+    fn number(&self, idx: usize) -> Result<Option<f64>, String> {
+        match &self.0[idx].1 {
+            Value::Null => Ok(None),
+            Value::Number(n) => Ok(n.as_f64()),
+            Value::Bool(b) => Ok(Some(f64::from(u8::from(*b)))),
+            other => Err(format!("{other:?} is not a number")),
+        }
+    }
+    fn label(&self, idx: usize) -> Result<String, String> {
+        Ok(match &self.0[idx].1 {
+            Value::Null => String::new(),
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            other => return Err(format!("{other:?} is not a label")),
+        })
+    }
+}
+
+fn rows_path(collector: &str) -> PathBuf {
+    golden_dir().join("rows").join(format!("{collector}.yaml"))
+}
+
+/// The recorded polls of `collector`: a list of polls, each a list of rows.
+fn recorded_polls(collector: &str) -> Vec<Vec<Recorded>> {
+    let path = rows_path(collector);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (record with --run-ignored only)", path.display()));
+    let doc: Value =
+        serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let polls = doc["polls"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{}: no `polls` list", path.display()));
+    polls
+        .iter()
+        .map(|poll| {
+            poll.as_sequence()
+                .into_iter()
+                .flatten()
+                .map(|row| {
+                    let map = row
+                        .as_mapping()
+                        .expect("a row is a mapping of column → value");
+                    Recorded(
+                        map.iter()
+                            .map(|(k, v)| (k.as_str().expect("column name").to_string(), v.clone()))
+                            .collect(),
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs the recorded polls of `def` through its steps and mapping; the last poll's result.
+fn replay(def: &CollectorDef) -> Snapshot {
+    let base = vec![(Arc::<str>::from("target"), "golden".to_string())];
+    let database = match def.scope {
+        pgvigil::collector::pack::Scope::Cluster => "",
+        pgvigil::collector::pack::Scope::Database => "app",
+    };
+    let mut state = CollectorState::default();
+    let t0 = Instant::now();
+    let mut families = Vec::new();
+    for (i, rows) in recorded_polls(&def.name.0).iter().enumerate() {
+        let ctx = Context {
+            def,
+            base_labels: &base,
+            database,
+            now: t0 + INTERVAL * i as u32,
+            statements: pgvigil::config::StatementsConfig {
+                top_n: 3,
+                ..Default::default()
+            },
+        };
+        families = state
+            .families(def, INTERVAL, rows, &ctx)
+            .unwrap_or_else(|e| panic!("{}: poll {i}: {}", def.name, e.message));
+    }
+    Snapshot { families }
+}
+
+fn builtin() -> Catalog {
+    Catalog::load(&Default::default()).expect("built-in packs load")
+}
+
+#[test]
+fn every_built_in_pack_exports_exactly_its_golden_text() {
+    let catalog = builtin();
+    let update = std::env::var_os("PGVIGIL_UPDATE_GOLDEN").is_some();
+    let mut failures = Vec::new();
+    for (file, _) in BUILTIN_PACKS {
+        let snapshots: Vec<Arc<Snapshot>> = catalog
+            .collectors
+            .iter()
+            .filter(|c| c.source == Path::new(file))
+            .map(|c| Arc::new(replay(c)))
+            .collect();
+        assert!(!snapshots.is_empty(), "{file}: no collectors");
+        let text = exposition::encode(snapshots, Vec::new(), Format::Text);
+        let stem = Path::new(file)
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let golden = golden_dir().join(format!("{stem}.prom"));
+        if update {
+            std::fs::write(&golden, &text).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&golden).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (PGVIGIL_UPDATE_GOLDEN=1 writes it)",
+                golden.display()
+            )
+        });
+        if text != want {
+            let diff: Vec<String> = diff_lines(&want, &text);
+            failures.push(format!(
+                "{file}: exposition differs from {} (PGVIGIL_UPDATE_GOLDEN=1 rewrites it):\n{}",
+                golden.display(),
+                diff.join("\n")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Every metric a built-in pack declares appears in its golden file with at least one
+/// sample, so the recordings exercise the whole pack (a metric no row feeds would pass the
+/// exact comparison above while testing nothing).
+#[test]
+fn the_recordings_feed_every_declared_metric() {
+    let catalog = builtin();
+    let mut missing = Vec::new();
+    for c in &catalog.collectors {
+        let stem = c.source.file_stem().unwrap().to_string_lossy().to_string();
+        let golden =
+            std::fs::read_to_string(golden_dir().join(format!("{stem}.prom"))).unwrap_or_default();
+        for m in &c.metrics.0 {
+            let has_sample = golden.lines().any(|l| {
+                l.starts_with(m.name.0.as_str()) && l[m.name.0.len()..].starts_with(['{', ' '])
+            });
+            if !has_sample {
+                missing.push(format!("{} ({})", m.name, c.name));
+            }
+        }
+    }
+    // Metrics that need what a short recording on one server cannot show.
+    let allowed = ["pg_stat_statements_plan_seconds_total"];
+    missing.retain(|m| !allowed.iter().any(|a| m.starts_with(a)));
+    assert!(
+        missing.is_empty(),
+        "no sample in the golden files for: {missing:?}"
+    );
+}
+
+/// Lines only in `want` (-) or only in `got` (+), in order.
+fn diff_lines(want: &str, got: &str) -> Vec<String> {
+    let w: std::collections::HashSet<&str> = want.lines().collect();
+    let g: std::collections::HashSet<&str> = got.lines().collect();
+    let mut out: Vec<String> = want
+        .lines()
+        .filter(|l| !g.contains(l))
+        .map(|l| format!("- {l}"))
+        .collect();
+    out.extend(
+        got.lines()
+            .filter(|l| !w.contains(l))
+            .map(|l| format!("+ {l}")),
+    );
+    out
+}
+
+// ---- recording -------------------------------------------------------------------------
+
+/// A row as YAML: numbers where the column decodes as one, text otherwise.
+fn to_yaml(row: &tokio_postgres::Row) -> Value {
+    let mut map = serde_yaml_ng::Mapping::new();
+    for (i, col) in row.columns().iter().enumerate() {
+        let v = match row.try_get::<_, SqlNumber>(i) {
+            Ok(SqlNumber(Some(n))) => Value::from(n),
+            Ok(SqlNumber(None)) => Value::Null,
+            Err(_) => match row.try_get::<_, Option<String>>(i) {
+                Ok(None) => Value::Null,
+                _ => Value::String(
+                    row.try_get::<_, SqlLabel>(i)
+                        .map(|l| l.0)
+                        .unwrap_or_default(),
+                ),
+            },
+        };
+        map.insert(Value::String(col.name().to_string()), v);
+    }
+    Value::Mapping(map)
+}
+
+#[test]
+#[ignore = "records tests/golden/rows from a throwaway PostgreSQL; run on purpose"]
+fn record_rows() {
+    use common::*;
+    let pg = cluster(&[("shared_preload_libraries", "pg_stat_statements")]);
+    let app = Session::connect(&pg.dsn());
+    app.run(
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+         CREATE TABLE orders (id int PRIMARY KEY, customer text, total numeric);
+         INSERT INTO orders SELECT g, 'c' || (g % 7), g * 1.5 FROM generate_series(1, 2000) g;
+         -- A failed concurrent build leaves an invalid index behind.
+         INSERT INTO orders VALUES (2001, 'c1', 1);",
+    );
+    let _ =
+        app.try_run("CREATE UNIQUE INDEX CONCURRENTLY orders_customer_key ON orders (customer)");
+    app.run("SELECT pg_stat_statements_reset()");
+    let workload = |n: usize| {
+        for i in 0..n {
+            app.run(&format!(
+                "SELECT count(*) FROM orders WHERE customer = 'c{}'",
+                i % 7
+            ));
+            app.run(&format!(
+                "UPDATE orders SET total = total + 1 WHERE id = {}",
+                i + 1
+            ));
+            app.run("SELECT pg_sleep(0.01)");
+        }
+        for i in 0..3 {
+            app.run(&format!("SELECT {i} AS rare_{i}"));
+        }
+    };
+    // A lock pile-up on one row: one session holds it, two wait behind it (a row lock,
+    // so the collectors' own queries, e.g. relation sizes, are not blocked).
+    let holder = Session::connect(&pg.dsn());
+    holder.run("BEGIN; UPDATE orders SET total = 0 WHERE id = 1");
+    let waiter = Session::connect(&pg.dsn());
+    let waiting = waiter.start("UPDATE orders SET total = 1 WHERE id = 1");
+    let second = Session::connect(&pg.dsn());
+    let waiting2 = second.start("UPDATE orders SET total = 2 WHERE id = 1");
+    wait_until(Duration::from_secs(10), "two lock waits", || {
+        waits_for_lock(&pg, waiter.pid) && waits_for_lock(&pg, second.pid)
+    });
+
+    let catalog = builtin();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&pg.dsn(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    });
+    let version: u32 = rt
+        .block_on(client.query_one("SELECT current_setting('server_version_num')::int", &[]))
+        .unwrap()
+        .get::<_, i32>(0) as u32;
+    std::fs::create_dir_all(golden_dir().join("rows")).unwrap();
+    // Two polls with work in between, so the window statistics have something to show.
+    let mut polls: Vec<Vec<(String, Vec<Value>)>> = Vec::new();
+    for round in 0..2 {
+        workload(20 + 10 * round);
+        let mut this = Vec::new();
+        for c in &catalog.collectors {
+            if HAND_WRITTEN.contains(&c.name.0.as_str()) {
+                continue;
+            }
+            let sql = &c.queries.resolve(version).expect("a variant").sql;
+            let rows = rt
+                .block_on(client.query(sql.as_str(), &[]))
+                .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+            this.push((c.name.0.clone(), rows.iter().map(to_yaml).collect()));
+        }
+        polls.push(this);
+    }
+    drop(holder);
+    let _ = waiting.wait(Duration::from_secs(10));
+    let _ = waiting2.wait(Duration::from_secs(10));
+    for (i, (name, _)) in polls[0].iter().enumerate() {
+        let doc = serde_yaml_ng::to_string(&serde_yaml_ng::Mapping::from_iter([(
+            Value::from("polls"),
+            Value::Sequence(
+                polls
+                    .iter()
+                    .map(|p| Value::Sequence(p[i].1.clone()))
+                    .collect(),
+            ),
+        )]))
+        .unwrap();
+        let header = format!(
+            "# Rows of the `{name}` collector, recorded from PostgreSQL {version} by\n# `cargo nextest run --test golden --run-ignored only` (tests/golden.rs).\n"
+        );
+        std::fs::write(rows_path(name), header + &doc).unwrap();
+    }
+}
