@@ -14,8 +14,9 @@
 //! - [`yaml`]: YAML → typed values with file, line and field in every error.
 //! - [`collector`]: collector packs (`queries/*.yaml`, compiled in, plus user packs), version
 //!   resolution, and the background poll loop per target.
-//! - [`postgres`]: connecting with pgvigil's session settings, server facts, running one
-//!   collector query, row values → numbers and labels.
+//! - [`postgres`]: DSNs and TLS, sessions (`postgres::slot`: pgvigil's session settings,
+//!   one query at a time with its own timeouts, reconnect with backoff — for collectors and
+//!   the activity sampler alike), server facts, row values → numbers and labels.
 //! - [`store`]: the latest snapshot per target × collector × database, and target health.
 //! - [`exposition`]: snapshots → Prometheus text 0.0.4 or OpenMetrics.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; never queries PostgreSQL.
@@ -117,7 +118,14 @@ impl Generation {
         let (stop, stop_rx) = watch::channel(false);
         let (store, _pollers) = start_pollers(config, catalog, stop_rx.clone())?;
         let targets = config.resolve_targets(&process_env)?;
-        let tracing = trace::start(&config.tracing, &targets, &store, stop_rx, &process_env)?;
+        let tracing = trace::start(
+            &config.tracing,
+            &config.collectors.defaults,
+            &targets,
+            &store,
+            stop_rx,
+            &process_env,
+        )?;
         Ok(Generation {
             store,
             stop,

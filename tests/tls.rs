@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pgvigil::config::{Config, Dsn};
+use pgvigil::postgres::slot::Slot;
 
 /// Certificates for the tests. Server certificate: CN=localhost, SAN DNS:localhost and
 /// IP:127.0.0.1, signed by `ca`. `other_ca` signed nothing the server uses.
@@ -162,20 +163,21 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Connects with pgvigil's `connect` and reports (session is TLS, current_user).
+/// Connects with pgvigil's session type and reports (session is TLS, current_user).
 fn session(dsn: &str) -> Result<(bool, String), String> {
     let dsn: Dsn = dsn.parse()?;
     runtime().block_on(async {
-        let (client, _) = pgvigil::postgres::connect(&dsn, Duration::from_secs(10))
-            .await
-            .map_err(|e| e.message)?;
-        let row = client
-            .query_one(
+        let slot = Slot::new(dsn, Duration::from_secs(10));
+        let mut session = slot.acquire().await.map_err(|e| e.message)?;
+        let rows = session
+            .query(
                 "SELECT ssl, current_user::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-                &[],
+                Duration::from_secs(10),
+                Duration::from_secs(10),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.message)?;
+        let row = rows.first().ok_or("no row from pg_stat_ssl")?;
         Ok((row.get(0), row.get(1)))
     })
 }

@@ -205,6 +205,55 @@ fn slow_query_span_joins_the_application_trace() {
     assert_eq!(attr_str(&got.resource, "pgvigil.label.env"), "test");
 }
 
+/// The sampler's session is a collector-like one: read-only, and its `pg_stat_activity`
+/// read runs under a server-side `statement_timeout` (sample interval 200 ms → the 1 s
+/// floor; the collectors here use 5 s, so `= 1000` can only be the sampler's).
+#[test]
+fn sampler_reads_activity_read_only_with_a_statement_timeout() {
+    let pg = cluster(&[("log_statement", "all"), ("log_line_prefix", "[%p] ")]);
+    let addr = free_addr();
+    let _recv = RunningReceiver::start(addr);
+    let _run = start(config(&tracing_config(&pg.dsn(), addr, "")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(pg.log_path()).unwrap_or_default();
+        // Each entry starts with `[pid] `; a multi-line statement continues unprefixed.
+        let mut entries: Vec<(&str, String)> = Vec::new();
+        for line in log.lines() {
+            match line.strip_prefix('[').and_then(|l| l.split_once("] ")) {
+                Some((pid, text)) => entries.push((pid, text.to_string())),
+                None => {
+                    if let Some((_, text)) = entries.last_mut() {
+                        text.push('\n');
+                        text.push_str(line);
+                    }
+                }
+            }
+        }
+        // The sampler's backend: the one that set the 1 s timeout.
+        let sampler = entries
+            .iter()
+            .find(|(_, t)| t.contains("SET statement_timeout = 1000; SET lock_timeout = 1000"))
+            .map(|(pid, _)| *pid);
+        if let Some(pid) = sampler {
+            let own = || entries.iter().filter(|(p, _)| *p == pid);
+            let read_only =
+                own().any(|(_, t)| t.contains("SET default_transaction_read_only = on"));
+            let samples =
+                own().any(|(_, t)| t.contains("AND coalesce(application_name, '') <> $1"));
+            if read_only && samples {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no read-only, time-limited sampler session in the server log:\n{}",
+            pg.log_tail(60)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -1,5 +1,8 @@
 //! The poll loop of one target: a background task per collector on its interval, sharing
-//! at most one connection per database. Results go to the snapshot store; failures are
+//! at most one session per database (a [`Slot`], which connects, reconnects and logs its
+//! connection). The poller owns which databases are visited, what a session's ups and
+//! downs mean for the target's health (`pg_up`, `/readyz`), running each collector's query
+//! and turning rows into snapshots. Results go to the snapshot store; failures are
 //! counted and logged (rate-limited) and never stop other collectors or targets.
 
 use std::collections::{HashMap, HashSet};
@@ -10,29 +13,15 @@ use tokio::sync::watch;
 
 use crate::collector::pack::{CollectorDef, Scope};
 use crate::collector::steps::{CollectorState, Context};
-use crate::config::{describe, CollectorDefaults, StatementsConfig, Target};
-use crate::postgres::{self, ErrorKind, PgError, Session};
+use crate::config::{CollectorDefaults, StatementsConfig, Target};
+use crate::postgres::slot::{Event, Slot, SlotGuard};
+use crate::postgres::{dsn, ErrorKind, PgError};
 use crate::store::{Snapshot, Store};
 
-/// Reconnect backoff: doubles from `BACKOFF_MIN` up to `BACKOFF_MAX`, with ±25 % jitter.
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often the database list for `scope: database` collectors is refreshed.
 const DISCOVERY_EVERY: Duration = Duration::from_secs(60);
 /// The same error is logged again at most this often.
 const LOG_REPEAT: Duration = Duration::from_secs(300);
-
-/// One database connection of a target, shared by all its collectors. The async mutex
-/// serialises them: each query runs in its own transaction, which cannot interleave on one
-/// connection.
-#[derive(Default)]
-struct Slot {
-    client: Option<Session>,
-    failures: u32,
-    next_attempt: Option<Instant>,
-}
-
-type SlotGuard = tokio::sync::OwnedMutexGuard<Slot>;
 
 /// Polls one target.
 pub struct TargetPoller {
@@ -40,8 +29,9 @@ pub struct TargetPoller {
     store: Arc<Store>,
     defaults: CollectorDefaults,
     collectors: Arc<Vec<CollectorDef>>,
-    /// Database name → its connection slot. A std mutex: only held to look up the map.
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// Database name → its session, shared by all collectors (the slot serialises them).
+    /// A std mutex: only held to look up the map.
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// The databases `scope: database` collectors visit, and when they were listed.
     databases: Mutex<(Vec<String>, Option<Instant>)>,
     /// Collectors that have not finished a first run (for `/readyz`).
@@ -85,13 +75,7 @@ impl TargetPoller {
     }
 
     fn main_db(&self) -> String {
-        self.target
-            .pg
-            .0
-            .get_dbname()
-            .map(str::to_string)
-            .or_else(|| self.target.pg.0.get_user().map(str::to_string))
-            .unwrap_or_else(|| "postgres".into())
+        dsn::database(&self.target.pg.0).to_string()
     }
 
     /// Starts the background tasks; they stop when `shutdown` turns true.
@@ -182,10 +166,7 @@ impl TargetPoller {
     /// Runs the collector's query on `db`; `Ok(None)` when it does not apply there.
     async fn run(&self, def: &CollectorDef, db: &str) -> Result<Option<Snapshot>, PgError> {
         let mut slot = self.acquire(db).await?;
-        let Some(session) = slot.client.as_mut() else {
-            return Err(PgError::new(ErrorKind::Connect, "not connected"));
-        };
-        let info = &session.info;
+        let info = slot.info();
         let Some(variant) = def.queries.resolve(info.version_num) else {
             let v = info.version_num;
             self.once(
@@ -206,21 +187,11 @@ impl TargetPoller {
             }
         }
         let timeout = def.timeout.unwrap_or(self.defaults.timeout).0;
-        let result = session
+        // A query that breaks the connection marks the slot broken (and, on the main
+        // database, turns `pg_up` to 0 through `session_events`).
+        let rows = slot
             .query(&variant.sql, timeout, self.defaults.lock_timeout.0)
-            .await;
-        let rows = match result {
-            Ok(rows) => rows,
-            Err(e) => {
-                if e.fatal || session.client.is_closed() {
-                    slot.client = None;
-                    if db == self.main_db() {
-                        self.set_up(false);
-                    }
-                }
-                return Err(e);
-            }
-        };
+            .await?;
         drop(slot);
         let ctx = Context {
             def,
@@ -238,73 +209,31 @@ impl TargetPoller {
         Ok(Some(Snapshot { families }))
     }
 
-    /// The connection slot for `db`, connected. Honours the backoff: while waiting for the
-    /// next attempt it fails fast without touching the network or the log.
+    /// The session for `db`, connected; while its slot backs off after a failed attempt
+    /// this fails fast (see [`Slot::acquire`]).
     async fn acquire(&self, db: &str) -> Result<SlotGuard, PgError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(slots.entry(db.to_string()).or_default())
+            Arc::clone(
+                slots
+                    .entry(db.to_string())
+                    .or_insert_with(|| Arc::new(self.new_slot(db))),
+            )
         };
-        let mut guard = slot.lock_owned().await;
-        if let Some(session) = &guard.client {
-            if !session.client.is_closed() {
-                return Ok(guard);
-            }
-            tracing::warn!(target = %self.target.name, database = db, "connection lost; reconnecting");
-            guard.client = None;
-            if db == self.main_db() {
-                self.set_up(false);
-            }
-        }
-        if let Some(at) = guard.next_attempt {
-            if Instant::now() < at {
-                return Err(PgError::new(
-                    ErrorKind::Connect,
-                    format!(
-                        "database {db:?} unreachable; next attempt in {:.1}s",
-                        at.saturating_duration_since(Instant::now()).as_secs_f64()
-                    ),
-                ));
-            }
-        }
+        slot.acquire().await
+    }
+
+    /// A slot for `db`. The main database's session decides `pg_up`.
+    fn new_slot(&self, db: &str) -> Slot {
         let mut dsn = self.target.pg.clone();
         dsn.0.dbname(db);
-        match postgres::connect(&dsn, self.defaults.timeout.0).await {
-            Ok((client, info)) => {
-                if guard.failures > 0 {
-                    tracing::info!(target = %self.target.name, database = db, "reconnected after {} failed attempts", guard.failures);
-                } else {
-                    tracing::info!(target = %self.target.name, database = db, server_version = info.version_num, "connected");
-                }
-                guard.failures = 0;
-                guard.next_attempt = None;
-                guard.client = Some(Session::new(client, info));
-                if db == self.main_db() {
-                    self.set_up(true);
-                }
-                Ok(guard)
-            }
-            Err(e) => {
-                guard.failures += 1;
-                let backoff = backoff(guard.failures);
-                guard.next_attempt = Some(Instant::now() + backoff);
-                // Logged once per backoff step, never with the password.
-                tracing::warn!(
-                    target = %self.target.name,
-                    database = db,
-                    "cannot connect to {}: {}; retrying in {:.1}s",
-                    describe(&dsn.0),
-                    e.message,
-                    backoff.as_secs_f64()
-                );
-                if db == self.main_db() {
-                    self.set_up(false);
-                    self.store
-                        .update_target(&self.target.name, |h| h.ready = true);
-                }
-                Err(e)
-            }
+        let slot = Slot::new(dsn, self.defaults.timeout.0).log_as(&self.target.name, None);
+        if db != self.main_db() {
+            return slot;
         }
+        let store = Arc::clone(&self.store);
+        let target = self.target.name.clone();
+        slot.on_event(move |event| session_events(&store, &target, event))
     }
 
     /// The databases to visit, refreshed at most every [`DISCOVERY_EVERY`]. On failure the
@@ -319,11 +248,7 @@ impl TargetPoller {
         let main = self.main_db();
         let listed = async {
             let mut slot = self.acquire(&main).await?;
-            let session = slot
-                .client
-                .as_mut()
-                .ok_or_else(|| PgError::new(ErrorKind::Connect, "not connected"))?;
-            let rows = session
+            let rows = slot
                 .query(
                     "SELECT datname::text FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
                     self.defaults.timeout.0,
@@ -347,10 +272,6 @@ impl TargetPoller {
             }
         }
         d.0.clone()
-    }
-
-    fn set_up(&self, up: bool) {
-        self.store.update_target(&self.target.name, |h| h.up = up);
     }
 
     fn first_run_done(&self, def: &CollectorDef) {
@@ -441,11 +362,18 @@ fn jittered_start(every: Duration) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_millis(fastrand::u64(0..ms))
 }
 
-/// `BACKOFF_MIN · 2^(failures-1)`, capped at `BACKOFF_MAX`, ±25 % jitter.
-pub(crate) fn backoff(failures: u32) -> Duration {
-    let exp = BACKOFF_MIN.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    let capped = exp.min(BACKOFF_MAX);
-    capped.mul_f64(0.75 + fastrand::f64() * 0.5)
+/// What the main database's session means for the target: `pg_up` follows it, and a
+/// failed attempt also makes the target ready, so `/readyz` does not wait for a server
+/// that is down.
+fn session_events(store: &Store, target: &str, event: Event) {
+    match event {
+        Event::Connected => store.update_target(target, |h| h.up = true),
+        Event::Lost => store.update_target(target, |h| h.up = false),
+        Event::ConnectFailed => store.update_target(target, |h| {
+            h.up = false;
+            h.ready = true;
+        }),
+    }
 }
 
 /// Remembers what was logged, so repeating failures do not flood the log.
@@ -478,18 +406,6 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        for _ in 0..50 {
-            let b1 = backoff(1);
-            assert!(b1 >= Duration::from_millis(750) && b1 <= Duration::from_millis(1250));
-            let b3 = backoff(3);
-            assert!(b3 >= Duration::from_secs(3) && b3 <= Duration::from_secs(5));
-            let b20 = backoff(20);
-            assert!(b20 >= Duration::from_millis(22_500) && b20 <= Duration::from_millis(37_500));
-        }
-    }
 
     #[test]
     fn log_limiter_repeats_only_on_change() {

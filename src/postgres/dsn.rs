@@ -181,20 +181,32 @@ fn split_keywords(dsn: &str) -> Result<(String, TlsParams), String> {
 
 /// `host:port/dbname user=…` for logs: never the password.
 pub fn describe(config: &tokio_postgres::Config) -> String {
-    let host = config
-        .get_hosts()
-        .first()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(s) => s.clone(),
-            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let db = config.get_dbname().unwrap_or("postgres");
+    let (host, port) = server(config);
+    let db = database(config);
     match config.get_user() {
         Some(user) => format!("{host}:{port}/{db} user={user}"),
         None => format!("{host}:{port}/{db}"),
     }
+}
+
+/// The first host (a name, an address or a Unix socket directory) and port, with libpq's
+/// defaults `localhost` and 5432: the server that logs and span attributes name.
+pub fn server(config: &tokio_postgres::Config) -> (String, u16) {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    (host, config.get_ports().first().copied().unwrap_or(5432))
+}
+
+/// The database a session opens: `dbname`, else the user's name (the driver's and
+/// libpq's default), else `postgres`.
+pub fn database(config: &tokio_postgres::Config) -> &str {
+    config
+        .get_dbname()
+        .or_else(|| config.get_user())
+        .unwrap_or("postgres")
 }
 
 #[cfg(test)]
@@ -294,6 +306,19 @@ mod tests {
         assert!(e.contains("unterminated quoted"), "{e}");
         let e = split_tls_params("host").unwrap_err();
         assert!(e.contains("invalid connection string"), "{e}");
+    }
+
+    #[test]
+    fn server_and_database_defaults() {
+        let d: Dsn = "postgresql://u:secret@db1:6432/app".parse().unwrap();
+        assert_eq!(server(&d.0), ("db1".to_string(), 6432));
+        assert_eq!(describe(&d.0), "db1:6432/app user=u");
+        let d: Dsn = "user=monitor".parse().unwrap();
+        assert_eq!(server(&d.0), ("localhost".to_string(), 5432));
+        assert_eq!(database(&d.0), "monitor");
+        assert_eq!(describe(&d.0), "localhost:5432/monitor user=monitor");
+        let d: Dsn = "host=/run/postgresql".parse().unwrap();
+        assert_eq!(describe(&d.0), "/run/postgresql:5432/postgres");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Slow-query spans: per target, an activity sampler reads `pg_stat_activity` every
-//! `tracing.sample_interval` on its own connection, follows each execution
+//! `tracing.sample_interval` on its own session (a [`Slot`], with the same read-only,
+//! time-limited settings and reconnect backoff as the collectors'), follows each execution
 //! ([`activity`]), turns the slow ones into spans ([`span`]) parented by the
 //! application's `traceparent` ([`context`]), and queues them for OTLP export ([`export`]).
 //! Sampling never waits on the exporter; nothing here touches the collectors.
@@ -15,10 +16,10 @@ use std::time::Duration;
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
 use tokio::sync::watch;
-use tokio_postgres::Client;
 
-use crate::config::{describe, OtlpProtocol, Target, TracingConfig};
-use crate::postgres;
+use crate::config::{CollectorDefaults, OtlpProtocol, Target, TracingConfig};
+use crate::postgres::dsn;
+use crate::postgres::slot::Slot;
 use crate::store::Store;
 use activity::{Observation, Tracker};
 
@@ -75,8 +76,10 @@ pub fn endpoint(
 }
 
 /// Starts a sampler and an exporter per target, or nothing when tracing is off.
+/// `collectors` bounds the sampler's query like a collector's (see [`sample_timeout`]).
 pub fn start(
     cfg: &TracingConfig,
+    collectors: &CollectorDefaults,
     targets: &[Target],
     store: &Arc<Store>,
     shutdown: watch::Receiver<bool>,
@@ -108,12 +111,18 @@ pub fn start(
         let (queue, drain) =
             export::start(exporter, cfg.queue_size, Arc::clone(store), t.name.clone());
         handles.push(drain);
+        let every = cfg.sample_interval.0;
+        let (address, port) = dsn::server(&t.pg.0);
         let sampler = Sampler {
             target: t.clone(),
+            slot: Slot::new(t.pg.clone(), every.max(Duration::from_secs(5)))
+                .log_as(&t.name, Some("activity sampler")),
+            timeout: sample_timeout(every, collectors.timeout.0),
+            lock_timeout: collectors.lock_timeout.0,
             threshold: cfg.slow_query_threshold.0.as_secs_f64(),
-            every: cfg.sample_interval.0,
+            every,
             queue,
-            server: server_of(t),
+            server: span::Server { address, port },
         };
         handles.push(tokio::spawn(sampler.run(shutdown.clone())));
     }
@@ -129,21 +138,25 @@ pub fn start(
     Ok(Some(Tracing { handles }))
 }
 
-fn server_of(t: &Target) -> span::Server {
-    let address = match t.pg.0.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    span::Server {
-        address,
-        port: t.pg.0.get_ports().first().copied().unwrap_or(5432),
-    }
+/// The `statement_timeout` of the sampler's `pg_stat_activity` read: the sample interval,
+/// but no more than the collectors' default `timeout` and at least 1 s. A sample slower
+/// than the interval only delays the next one (ticks are delayed, not bunched), so a
+/// longer budget buys nothing, and the sampler never gets more than a collector would; the
+/// 1 s floor keeps a very short interval (e.g. 50 ms) from cancelling reads that are
+/// merely slow on a busy server.
+fn sample_timeout(every: Duration, collector_timeout: Duration) -> Duration {
+    every.min(collector_timeout).max(Duration::from_secs(1))
 }
 
 /// Follows one target's activity.
 struct Sampler {
     target: Target,
+    /// The sampler's own session, read-only and time-limited like a collector's.
+    slot: Slot,
+    /// `statement_timeout` of each sample ([`sample_timeout`]).
+    timeout: Duration,
+    /// `lock_timeout` of each sample: the collectors' default.
+    lock_timeout: Duration,
     threshold: f64,
     every: Duration,
     queue: export::Queue,
@@ -167,9 +180,6 @@ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
 impl Sampler {
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut tracker = Tracker::default();
-        let mut client: Option<Client> = None;
-        let mut failures = 0u32;
-        let mut retry_at = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let own_app = self
@@ -184,41 +194,19 @@ impl Sampler {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => break,
             }
-            if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = None;
-                if tokio::time::Instant::now() < retry_at {
-                    continue;
-                }
-                match postgres::connect(&self.target.pg, self.every.max(Duration::from_secs(5)))
-                    .await
-                {
-                    Ok((c, _)) => {
-                        failures = 0;
-                        client = Some(c);
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        let wait = crate::collector::poller::backoff(failures);
-                        retry_at = tokio::time::Instant::now() + wait;
-                        tracing::warn!(target = %self.target.name, "activity sampler cannot connect to {}: {}; retrying in {:.1}s", describe(&self.target.pg.0), e.message, wait.as_secs_f64());
-                        continue;
-                    }
-                }
-            }
-            let Some(c) = client.as_ref() else { continue };
-            let rows = tokio::time::timeout(
-                self.every.max(Duration::from_secs(1)) * 2,
-                c.query(ACTIVITY_SQL, &[&own_app]),
-            )
-            .await;
+            // The slot logs connection failures and backs off; a sample is skipped meanwhile.
+            let Ok(mut session) = self.slot.acquire().await else {
+                continue;
+            };
+            let rows = session
+                .query_params(ACTIVITY_SQL, &[&own_app], self.timeout, self.lock_timeout)
+                .await;
+            drop(session);
             let rows = match rows {
-                Ok(Ok(rows)) => rows,
-                Ok(Err(e)) => {
+                Ok(rows) => rows,
+                Err(e) => {
+                    // A broken connection is already marked; the next tick reconnects.
                     tracing::debug!(target = %self.target.name, "activity sample failed: {e}");
-                    continue;
-                }
-                Err(_) => {
-                    client = None;
                     continue;
                 }
             };
@@ -266,5 +254,19 @@ impl Sampler {
             Some(s) => self.queue.push(s),
             None => self.queue.drop_spans("not_sampled", 1),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_timeout_follows_the_interval_within_bounds() {
+        let s = Duration::from_secs;
+        assert_eq!(sample_timeout(s(2), s(5)), s(2));
+        assert_eq!(sample_timeout(s(60), s(5)), s(5));
+        assert_eq!(sample_timeout(Duration::from_millis(50), s(5)), s(1));
+        assert_eq!(sample_timeout(s(1), Duration::from_millis(200)), s(1));
     }
 }

@@ -1,0 +1,488 @@
+//! Monitoring sessions: [`Slot`], the one reconnecting, read-only, time-limited session
+//! type, used for each database a poller visits and by the activity sampler alike.
+//!
+//! A slot owns everything about its connection: opening it with pgvigil's session
+//! settings (`default_transaction_read_only`, `application_name` from the DSN, an idle
+//! transaction limit), reading the server's facts on connect, running each query with its
+//! own `statement_timeout` and `lock_timeout` plus a client-side deadline, noticing a
+//! closed or broken connection, and reconnecting with doubling, jittered backoff. It logs
+//! connects, reconnects and failures itself — naming the server with
+//! [`describe`](super::dsn::describe), so credentials never reach the log — and tells its
+//! owner through [`Event`]s, so what a lost session *means* (e.g. `pg_up`) stays with the
+//! caller. It knows nothing of collectors, metrics or the store.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row};
+
+use super::dsn::{self, describe};
+use super::{tls, Dsn, ErrorKind, PgError, ServerInfo};
+
+/// Reconnect backoff: doubles from `BACKOFF_MIN` up to `BACKOFF_MAX`, with ±25 % jitter.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Extra time the client waits beyond `statement_timeout` before giving the server up.
+const DEADLINE_SLACK: Duration = Duration::from_secs(2);
+
+/// What kind of server a session talks to. It decides two things independently:
+/// whether pgvigil's session settings are applied ([`Flavour::applies_settings`]) and
+/// which wire protocol queries use ([`Flavour::protocol`]).
+///
+/// Only PostgreSQL exists today. PgBouncer's admin console is the next flavour: it
+/// accepts no `SET` (so no settings, no timeouts per query, no `pg_extension` read) and
+/// speaks only the simple query protocol, whose rows are text (`SimpleQueryRow`, not
+/// [`Row`]) — it would add a variant here and a `simple_query` next to
+/// [`SlotGuard::query`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Flavour {
+    /// PostgreSQL itself: settings applied, extended protocol, server facts read.
+    #[default]
+    Postgres,
+}
+
+/// How queries travel on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// Parse/bind/execute: typed rows and parameters.
+    Extended,
+}
+
+impl Flavour {
+    /// `SET default_transaction_read_only` etc. on connect, and `statement_timeout` /
+    /// `lock_timeout` before queries.
+    fn applies_settings(self) -> bool {
+        match self {
+            Flavour::Postgres => true,
+        }
+    }
+
+    fn protocol(self) -> Protocol {
+        match self {
+            Flavour::Postgres => Protocol::Extended,
+        }
+    }
+}
+
+/// A change in a slot's connection, for its owner (called while the slot is held, so it
+/// must be quick and must not acquire the same slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A session was opened: the first one, or a reconnect.
+    Connected,
+    /// The open session is gone: the server closed it, or a query found it unusable.
+    Lost,
+    /// A connection attempt failed; the next one waits for the backoff.
+    ConnectFailed,
+}
+
+type EventHandler = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// One reconnecting monitoring session. [`Slot::acquire`] hands out the session to one
+/// caller at a time (a query runs in its own transaction, and those cannot interleave on
+/// one connection), connecting first when needed.
+///
+/// # Connection budget (seam)
+/// DESIGN §8 caps the sessions per target (`max_connections`, shared by all its
+/// databases). That plugs in here: every slot of a target gets the same
+/// `Arc<tokio::sync::Semaphore>`, and [`State`] keeps an `OwnedSemaphorePermit` next to
+/// its session — taken in [`Slot::acquire`] just before dialing (the spot is marked
+/// there) and released whenever the session is dropped (lost, broken, or idle-closed).
+pub struct Slot {
+    dsn: Dsn,
+    connect_timeout: Duration,
+    flavour: Flavour,
+    /// The `target` field of this slot's log lines.
+    target: String,
+    /// The `database` field of this slot's log lines.
+    database: String,
+    /// Words before each log message, e.g. `"activity sampler "`; empty for collectors.
+    who: String,
+    on_event: Option<EventHandler>,
+    /// Async mutex: held by the one caller using the session, across its queries.
+    state: Arc<Mutex<State>>,
+}
+
+/// The part of a slot that changes, behind its mutex.
+#[derive(Default)]
+struct State {
+    session: Option<Session>,
+    /// Facts of the last session opened (kept when it is lost).
+    info: ServerInfo,
+    /// Failed attempts since the last successful connect.
+    failures: u32,
+    /// No attempt before this moment (backoff).
+    next_attempt: Option<Instant>,
+}
+
+impl Slot {
+    /// A slot for the database `dsn` names; nothing is opened until [`Slot::acquire`].
+    /// `connect_timeout` bounds each connection attempt.
+    pub fn new(dsn: Dsn, connect_timeout: Duration) -> Slot {
+        let database = dsn::database(&dsn.0).to_string();
+        Slot {
+            dsn,
+            connect_timeout,
+            flavour: Flavour::default(),
+            target: String::new(),
+            database,
+            who: String::new(),
+            on_event: None,
+            state: Arc::default(),
+        }
+    }
+
+    /// Names the target in log lines, and optionally who uses the session (`"activity
+    /// sampler"` logs "activity sampler cannot connect to …").
+    pub fn log_as(mut self, target: &str, who: Option<&str>) -> Slot {
+        self.target = target.to_string();
+        self.who = who.map(|w| format!("{w} ")).unwrap_or_default();
+        self
+    }
+
+    /// Calls `handler` on every [`Event`] of this slot.
+    pub fn on_event(mut self, handler: impl Fn(Event) + Send + Sync + 'static) -> Slot {
+        self.on_event = Some(Arc::new(handler));
+        self
+    }
+
+    /// The session, connected, for this caller alone until the guard is dropped.
+    ///
+    /// Reconnects when the previous session was closed or marked broken. Honours the
+    /// backoff: while waiting for the next attempt it fails fast, touching neither the
+    /// network nor the log. A failed attempt is logged once (never with the password).
+    pub async fn acquire(&self) -> Result<SlotGuard, PgError> {
+        let mut state = Arc::clone(&self.state).lock_owned().await;
+        if let Some(session) = &state.session {
+            if !session.client.is_closed() {
+                return Ok(self.guard(state));
+            }
+            tracing::warn!(target = %self.target, database = self.database.as_str(), "{}connection lost; reconnecting", self.who);
+            state.session = None;
+            self.emit(Event::Lost);
+        }
+        if let Some(at) = state.next_attempt {
+            if Instant::now() < at {
+                return Err(PgError::new(
+                    ErrorKind::Connect,
+                    format!(
+                        "database {:?} unreachable; next attempt in {:.1}s",
+                        self.database,
+                        at.saturating_duration_since(Instant::now()).as_secs_f64()
+                    ),
+                ));
+            }
+        }
+        // Connection budget: take the target's permit here (see the type's docs).
+        match Session::connect(&self.dsn, self.connect_timeout, self.flavour).await {
+            Ok((session, info)) => {
+                if state.failures > 0 {
+                    tracing::info!(target = %self.target, database = self.database.as_str(), "{}reconnected after {} failed attempts", self.who, state.failures);
+                } else {
+                    tracing::info!(target = %self.target, database = self.database.as_str(), server_version = info.version_num, "{}connected", self.who);
+                }
+                state.failures = 0;
+                state.next_attempt = None;
+                state.session = Some(session);
+                state.info = info;
+                self.emit(Event::Connected);
+                Ok(self.guard(state))
+            }
+            Err(e) => {
+                state.failures += 1;
+                let wait = backoff(state.failures);
+                state.next_attempt = Some(Instant::now() + wait);
+                // Logged once per backoff step, never with the password.
+                tracing::warn!(
+                    target = %self.target,
+                    database = self.database.as_str(),
+                    "{}cannot connect to {}: {}; retrying in {:.1}s",
+                    self.who,
+                    describe(&self.dsn.0),
+                    e.message,
+                    wait.as_secs_f64()
+                );
+                self.emit(Event::ConnectFailed);
+                Err(e)
+            }
+        }
+    }
+
+    fn guard(&self, state: OwnedMutexGuard<State>) -> SlotGuard {
+        SlotGuard {
+            state,
+            on_event: self.on_event.clone(),
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        if let Some(handler) = &self.on_event {
+            handler(event);
+        }
+    }
+}
+
+/// A connected session, held by one caller. Dropping it hands the session back to the
+/// slot; a query that finds the connection unusable marks it broken, so the next
+/// [`Slot::acquire`] reconnects.
+pub struct SlotGuard {
+    state: OwnedMutexGuard<State>,
+    on_event: Option<EventHandler>,
+}
+
+impl SlotGuard {
+    /// Facts read when the session was opened.
+    pub fn info(&self) -> &ServerInfo {
+        &self.state.info
+    }
+
+    /// Runs `sql` with `statement_timeout = timeout` and `lock_timeout` (at most
+    /// `timeout`), read-only, within a client-side deadline of `timeout` + 2 s for a
+    /// server that stops answering. An error that leaves the connection unusable
+    /// (`fatal`) marks the session broken.
+    pub async fn query(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+        lock_timeout: Duration,
+    ) -> Result<Vec<Row>, PgError> {
+        self.query_params(sql, &[], timeout, lock_timeout).await
+    }
+
+    /// [`SlotGuard::query`] with bind parameters (`$1`, …).
+    pub async fn query_params(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        timeout: Duration,
+        lock_timeout: Duration,
+    ) -> Result<Vec<Row>, PgError> {
+        let Some(session) = self.state.session.as_mut() else {
+            return Err(PgError {
+                kind: ErrorKind::Connect,
+                message: "connection lost".into(),
+                fatal: true,
+            });
+        };
+        let result = session.query(sql, params, timeout, lock_timeout).await;
+        match result {
+            Err(mut e) if e.fatal || session.client.is_closed() => {
+                e.fatal = true;
+                self.mark_broken();
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    /// Drops the session: the next [`Slot::acquire`] reconnects (without backoff, since
+    /// the last connect succeeded).
+    pub fn mark_broken(&mut self) {
+        if self.state.session.take().is_some() {
+            if let Some(handler) = &self.on_event {
+                handler(Event::Lost);
+            }
+        }
+    }
+}
+
+/// One open connection, and the timeouts currently set on it.
+struct Session {
+    client: Client,
+    flavour: Flavour,
+    /// (statement_timeout, lock_timeout) as last set; `None` when unknown.
+    timeouts: Option<(Duration, Duration)>,
+}
+
+impl Session {
+    /// Opens a session for monitoring: TLS as the DSN's `sslmode` says ([`tls`]),
+    /// `application_name` from the DSN (the config defaults it to `pgvigil`), read-only
+    /// with a limit on idle transactions, and reads the server's facts.
+    async fn connect(
+        dsn: &Dsn,
+        connect_timeout: Duration,
+        flavour: Flavour,
+    ) -> Result<(Session, ServerInfo), PgError> {
+        let Dsn(config, tls_settings) = dsn;
+        let mut config = config.clone();
+        config.connect_timeout(connect_timeout);
+        tls::prepare_driver_config(&mut config, tls_settings);
+        // Built per session: certificate files are read again, so rotated ones are used.
+        let connector = tls::connector(tls_settings)
+            .map_err(|e| PgError::new(ErrorKind::Connect, format!("TLS: {e}")))?;
+        // The driver's message can quote the connection string parameters but never the
+        // password; still, keep only its text.
+        let (client, connection) = config.connect(connector).await.map_err(|e| {
+            let mut message = connect_message(&e);
+            if tls::is_certificate_rejected(&e) {
+                message.push_str(&format!(" ({})", tls_settings.describe_verification()));
+            }
+            PgError::new(ErrorKind::Connect, message)
+        })?;
+        tokio::spawn(async move {
+            // Ends when the server goes away or the client is dropped; the next use of the
+            // client sees `is_closed()` and reconnects.
+            let _ = connection.await;
+        });
+        if flavour.applies_settings() {
+            client
+                .batch_execute("SET default_transaction_read_only = on; SET idle_in_transaction_session_timeout = '60s'")
+                .await
+                .map_err(|e| PgError::from_query(&e))?;
+        }
+        let info = match flavour {
+            Flavour::Postgres => read_info(&client).await?,
+        };
+        let session = Session {
+            client,
+            flavour,
+            timeouts: None,
+        };
+        Ok((session, info))
+    }
+
+    /// Runs one query with `statement_timeout` and `lock_timeout`, so a slow catalog
+    /// never runs past its budget or waits in a lock queue. The timeouts are set on the
+    /// session only when they differ from the last query's, so a poll usually costs the
+    /// database exactly one statement.
+    async fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        timeout: Duration,
+        lock_timeout: Duration,
+    ) -> Result<Vec<Row>, PgError> {
+        let want = (timeout, lock_timeout.min(timeout));
+        // The client-side deadline is a backstop for a server that stops answering; the
+        // server-side statement_timeout normally fires first.
+        let deadline = timeout + DEADLINE_SLACK;
+        let run = async {
+            if self.flavour.applies_settings() && self.timeouts != Some(want) {
+                self.timeouts = None;
+                let set = format!(
+                    "SET statement_timeout = {}; SET lock_timeout = {}",
+                    want.0.as_millis().max(1),
+                    want.1.as_millis().max(1)
+                );
+                self.client
+                    .batch_execute(&set)
+                    .await
+                    .map_err(|e| PgError::from_query(&e))?;
+                self.timeouts = Some(want);
+            }
+            match self.flavour.protocol() {
+                Protocol::Extended => self
+                    .client
+                    .query(sql, params)
+                    .await
+                    .map_err(|e| PgError::from_query(&e)),
+            }
+        };
+        match tokio::time::timeout(deadline, run).await {
+            Ok(r) => r,
+            Err(_) => Err(PgError {
+                kind: ErrorKind::Timeout,
+                message: format!("no answer within {deadline:?}"),
+                fatal: true,
+            }),
+        }
+    }
+}
+
+fn connect_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                source = s.source();
+            }
+            msg
+        }
+    }
+}
+
+async fn read_info(client: &Client) -> Result<ServerInfo, PgError> {
+    let rows = client
+        .query(
+            "SELECT current_setting('server_version_num')::int4, \
+             coalesce(array_agg(extname::text), '{}') FROM pg_extension",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::from_query(&e))?;
+    let row = rows
+        .first()
+        .ok_or_else(|| PgError::new(ErrorKind::Decode, "no row from version query"))?;
+    let version: i32 = row
+        .try_get(0)
+        .map_err(|e| PgError::new(ErrorKind::Decode, e.to_string()))?;
+    let extensions: Vec<String> = row
+        .try_get(1)
+        .map_err(|e| PgError::new(ErrorKind::Decode, e.to_string()))?;
+    Ok(ServerInfo {
+        version_num: version.max(0) as u32,
+        extensions: extensions.into_iter().collect(),
+    })
+}
+
+/// `BACKOFF_MIN · 2^(failures-1)`, capped at `BACKOFF_MAX`, ±25 % jitter: many targets
+/// failing together do not retry in lockstep.
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_MIN.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let capped = exp.min(BACKOFF_MAX);
+    capped.mul_f64(0.75 + fastrand::f64() * 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        for _ in 0..50 {
+            let b1 = backoff(1);
+            assert!(b1 >= Duration::from_millis(750) && b1 <= Duration::from_millis(1250));
+            let b3 = backoff(3);
+            assert!(b3 >= Duration::from_secs(3) && b3 <= Duration::from_secs(5));
+            let b20 = backoff(20);
+            assert!(b20 >= Duration::from_millis(22_500) && b20 <= Duration::from_millis(37_500));
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_connect_backs_off_quietly_and_tells_the_owner() {
+        // Nothing listens on port 1: the attempt is refused at once.
+        let dsn: Dsn = "postgresql://monitor:s3cretpw@127.0.0.1:1/app"
+            .parse()
+            .unwrap();
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&events);
+        let slot = Slot::new(dsn, Duration::from_secs(2))
+            .log_as("t1", None)
+            .on_event(move |e| seen.lock().unwrap().push(e));
+        let Err(first) = slot.acquire().await else {
+            panic!("connected to port 1")
+        };
+        assert_eq!(first.kind, ErrorKind::Connect);
+        assert!(!first.message.contains("s3cretpw"), "{}", first.message);
+        // Within the backoff: fails fast, no new attempt, no new event.
+        let Err(second) = slot.acquire().await else {
+            panic!("connected to port 1")
+        };
+        assert!(
+            second
+                .message
+                .starts_with("database \"app\" unreachable; next attempt in"),
+            "{}",
+            second.message
+        );
+        assert_eq!(*events.lock().unwrap(), vec![Event::ConnectFailed]);
+        assert_eq!(slot.state.lock().await.failures, 1);
+    }
+}
