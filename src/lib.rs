@@ -20,7 +20,8 @@
 //! - [`store`]: the latest snapshot per target × collector × database, and target health.
 //! - [`exposition`]: snapshots → Prometheus text 0.0.4 or OpenMetrics.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; never queries PostgreSQL.
-//! - [`cluster`]: a throwaway local PostgreSQL, for `pgvigil demo` and the tests.
+//! - [`demo`]: `pgvigil demo` ([`demo::run`]): a throwaway local PostgreSQL
+//!   ([`demo::cluster`], which the integration tests use too) with a small workload.
 //! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
 //! - [`statements`], [`window`], [`progress`]: Rust post-processing of collector rows
 //!   (pg_stat_statements window stats and top-N; index build ETA).

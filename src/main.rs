@@ -150,42 +150,10 @@ fn real_main(cli: Cli) -> Result<(), String> {
             print!("{text}");
             Ok(())
         }
-        Some(Command::Demo) => demo(cli.listen),
+        Some(Command::Demo) => runtime()?
+            .block_on(pgvigil::demo::run(cli.listen, shutdown_signal()))
+            .map_err(|e| e.to_string()),
     }
-}
-
-fn demo(listen: Option<std::net::SocketAddr>) -> Result<(), String> {
-    eprintln!("pgvigil demo: starting a throwaway PostgreSQL server...");
-    let demo = pgvigil::demo::Demo::start().map_err(|e| e.to_string())?;
-    let mut config = Config::default();
-    if let Some(l) = listen {
-        config.listen = l;
-    }
-    // Short-lived demo events (lock pile-ups, index builds) need a faster poll than 15 s.
-    config.collectors.defaults.interval = pgvigil::config::Interval::from_secs(5);
-    let dsn = demo.dsn();
-    config.targets.push(pgvigil::config::TargetConfig {
-        name: "demo".into(),
-        dsn: dsn.parse().map_err(|e: String| e)?,
-        password_file: None,
-        labels: Default::default(),
-        databases: Default::default(),
-    });
-    eprintln!(
-        "pgvigil demo: PostgreSQL {} on 127.0.0.1:{} (data in {}); monitoring as role {}",
-        demo.cluster.major_version(),
-        demo.cluster.port(),
-        demo.cluster.data_dir().display(),
-        pgvigil::demo::DEMO_ROLE
-    );
-    let result = runtime()?.block_on(pgvigil::run(config, None, shutdown_signal(), |addr| {
-        eprintln!(
-            "pgvigil demo: metrics at http://{addr}/metrics  (Ctrl-C stops and deletes everything)"
-        );
-    }));
-    drop(demo);
-    eprintln!("pgvigil demo: stopped and cleaned up");
-    result.map_err(|e| e.to_string())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

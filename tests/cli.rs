@@ -4,34 +4,13 @@
 
 mod common;
 
-use std::io::Read;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{free_port, write};
-
-const BIN: &str = env!("CARGO_BIN_EXE_pgvigil");
-
-/// `pgvigil` with an environment that cannot leak into the test (no config, listen address
-/// or connection settings from the caller's shell).
-fn pgvigil() -> Command {
-    let mut cmd = Command::new(BIN);
-    for var in [
-        "PGVIGIL_CONFIG",
-        "PGVIGIL_LISTEN",
-        "PGVIGIL_LOG",
-        "DATA_SOURCE_NAME",
-        "PGHOST",
-        "PGPORT",
-        "PGUSER",
-        "PGPASSWORD",
-        "PGDATABASE",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
-}
+use common::binary::{command as pgvigil, Pgvigil};
+use common::{free_port, write, Serving};
 
 /// Runs `pgvigil check-config <dir>/pgvigil.yaml` with `yaml` as the file's content.
 fn check_config(dir: &Path, yaml: &str) -> (PathBuf, Output) {
@@ -252,57 +231,32 @@ fn help_mentions_config() {
     }
 }
 
-/// Kills the child (by its own handle) if a test fails before it does.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn unreachable_target_is_retried_with_backoff_and_no_password_leaks() {
     let dir = tempfile::tempdir().unwrap();
     let pg_port = free_port(); // nothing listens there
-    let listen_port = free_port();
     let path = write(
         dir.path(),
         "pgvigil.yaml",
         &format!(
-            "listen: 127.0.0.1:{listen_port}\ntargets:\n  - name: down\n    dsn: \"postgresql://monitor:s3cretpw@127.0.0.1:{pg_port}/postgres\"\ncollectors: {{defaults: {{interval: 1s}}}}\n"
+            "listen: 127.0.0.1:0\ntargets:\n  - name: down\n    dsn: \"postgresql://monitor:s3cretpw@127.0.0.1:{pg_port}/postgres\"\ncollectors: {{defaults: {{interval: 1s}}}}\n"
         ),
     );
     let started = Instant::now();
-    let mut child = KillOnDrop(
-        pgvigil()
-            .arg("--config")
-            .arg(&path)
-            .env("PGVIGIL_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start pgvigil"),
+    let mut child = Pgvigil::start(
+        [OsStr::new("--config"), path.as_os_str()],
+        &[("PGVIGIL_LOG", "info")],
     );
-    let mut stderr = child.0.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    });
 
     std::thread::sleep(Duration::from_secs(8).saturating_sub(started.elapsed()));
-    let still_running = child.0.try_wait().unwrap().is_none();
+    let still_running = child.is_running();
     let scrape = reqwest::blocking::Client::new()
-        .get(format!("http://127.0.0.1:{listen_port}/metrics"))
+        .get(child.url("/metrics"))
         .timeout(Duration::from_secs(10))
         .send()
         .map(|r| (r.status().as_u16(), r.text().unwrap_or_default()));
 
-    child.0.kill().expect("kill pgvigil");
-    child.0.wait().unwrap();
-    let log = reader.join().unwrap();
+    let log = child.stop();
     let ctx = format!("pgvigil stderr:\n{log}");
 
     assert!(still_running, "pgvigil exited early\n{ctx}");

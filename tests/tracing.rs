@@ -6,148 +6,17 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::binary::Pgvigil;
+use common::otlp::{attr, attr_str, hex, OtlpReceiver, Value};
 use common::*;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::common::v1::KeyValue;
-use opentelemetry_proto::tonic::trace::v1::Span;
-
-/// A received span with its resource attributes.
-#[derive(Debug, Clone)]
-struct Got {
-    resource: Vec<KeyValue>,
-    span: Span,
-}
-
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<Got>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for rs in req.into_inner().resource_spans {
-            let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
-            for ss in rs.scope_spans {
-                for span in ss.spans {
-                    spans.push(Got {
-                        resource: resource.clone(),
-                        span,
-                    });
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-/// An OTLP gRPC receiver on `addr`, running until dropped.
-struct RunningReceiver {
-    spans: Arc<Mutex<Vec<Got>>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RunningReceiver {
-    fn start(addr: SocketAddr) -> RunningReceiver {
-        let recv = Receiver::default();
-        let spans = recv.spans.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async move {
-                tonic::transport::Server::builder()
-                    .add_service(TraceServiceServer::new(recv))
-                    .serve_with_shutdown(addr, async {
-                        let _ = rx.await;
-                    })
-                    .await
-                    .unwrap();
-            });
-        });
-        // Wait until it accepts connections.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "receiver did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        RunningReceiver {
-            spans,
-            stop: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn spans(&self) -> Vec<Got> {
-        self.spans.lock().unwrap().clone()
-    }
-}
-
-impl Drop for RunningReceiver {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-fn attr(kv: &[KeyValue], key: &str) -> Option<Value> {
-    kv.iter()
-        .find(|k| k.key == key)
-        .and_then(|k| k.value.clone())
-        .and_then(|v| v.value)
-}
-
-fn attr_str(kv: &[KeyValue], key: &str) -> String {
-    match attr(kv, key) {
-        Some(Value::StringValue(s)) => s,
-        other => panic!("attribute {key}: {other:?}"),
-    }
-}
 
 fn tracing_config(dsn: &str, otlp: SocketAddr, extra: &str) -> String {
     format!(
         "{}tracing:\n  otlp_endpoint: http://{otlp}\n  sample_interval: 200ms\n  slow_query_threshold: 500ms\n{extra}",
         one_target(dsn, "")
     )
-}
-
-fn wait_spans(recv: &RunningReceiver, what: &str, mut ok: impl FnMut(&[Got]) -> bool) -> Vec<Got> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let spans = recv.spans();
-        if ok(&spans) {
-            return spans;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {spans:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 const T: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -157,7 +26,7 @@ const S: &str = "00f067aa0ba902b7";
 fn slow_query_span_joins_the_application_trace() {
     let pg = cluster(&[]);
     let addr = free_addr();
-    let recv = RunningReceiver::start(addr);
+    let recv = OtlpReceiver::start(addr);
     let _run = start(config(&tracing_config(&pg.dsn(), addr, "")));
     std::thread::sleep(Duration::from_millis(600));
 
@@ -170,7 +39,7 @@ fn slow_query_span_joins_the_application_trace() {
     )
     .unwrap();
     println!("client saw the query take {:?}", started.elapsed());
-    wait_spans(&recv, "the slow span", |s| !s.is_empty());
+    recv.wait_for("the slow span", |s| !s.is_empty());
     std::thread::sleep(Duration::from_secs(2));
     let spans = recv.spans();
     assert_eq!(
@@ -212,7 +81,7 @@ fn slow_query_span_joins_the_application_trace() {
 fn sampler_reads_activity_read_only_with_a_statement_timeout() {
     let pg = cluster(&[("log_statement", "all"), ("log_line_prefix", "[%p] ")]);
     let addr = free_addr();
-    let _recv = RunningReceiver::start(addr);
+    let _recv = OtlpReceiver::start(addr);
     let _run = start(config(&tracing_config(&pg.dsn(), addr, "")));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -254,21 +123,15 @@ fn sampler_reads_activity_read_only_with_a_statement_timeout() {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 #[test]
 fn lock_wait_shows_as_span_event_with_the_blocker() {
     let pg = cluster(&[]);
     pg.psql("postgres", "CREATE TABLE t (id int)").unwrap();
     let addr = free_addr();
-    let recv = RunningReceiver::start(addr);
+    let recv = OtlpReceiver::start(addr);
     let _run = start(config(&tracing_config(&pg.dsn(), addr, "")));
 
-    let psql = pg.bindir().join("psql");
-    let psql = if psql.exists() { psql } else { "psql".into() };
-    let holder = Command::new(&psql)
+    let holder = Command::new(pg.psql_program())
         .args(["-X", "-q", "-A", "-t", "-d", &pg.dsn(), "-c"])
         .arg("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; SELECT pg_backend_pid(); SELECT pg_sleep(2); COMMIT;")
         .stdout(Stdio::piped())
@@ -285,7 +148,7 @@ fn lock_wait_shows_as_span_event_with_the_blocker() {
         .lines()
         .find_map(|l| l.trim().parse().ok())
         .expect("holder pid");
-    let spans = wait_spans(&recv, "the blocked SELECT", |s| {
+    let spans = recv.wait_for("the blocked SELECT", |s| {
         s.iter().any(|g| g.span.name == "SELECT t")
     });
     let blocked = spans.iter().find(|g| g.span.name == "SELECT t").unwrap();
@@ -325,44 +188,22 @@ const RSS_LIMIT_KIB: u64 = 64 * 1024;
 fn receiver_down_drops_and_counts_spans_with_bounded_memory() {
     let pg = cluster(&[]);
     let otlp = free_addr();
-    let listen = free_addr();
     let dir = tempfile::tempdir().unwrap();
     let cfg = format!(
-        "listen: {listen}\n{}tracing:\n  otlp_endpoint: http://{otlp}\n  sample_interval: 50ms\n  slow_query_threshold: 50ms\n  queue_size: 64\n",
+        "listen: 127.0.0.1:0\n{}tracing:\n  otlp_endpoint: http://{otlp}\n  sample_interval: 50ms\n  slow_query_threshold: 50ms\n  queue_size: 64\n",
         one_target(&pg.dsn(), "")
     );
     let path = write(dir.path(), "pgvigil.yaml", &cfg);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgvigil"))
-        .args(["--config", path.to_str().unwrap()])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let child_pid = child.id();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(listen).is_err() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _guard = Kill(std::mem::replace(
-        &mut child,
-        Command::new("true").spawn().unwrap(),
-    ));
+    let pgvigil = Pgvigil::start(["--config", path.to_str().unwrap()], &[]);
+    let (pgvigil_pid, listen) = (pgvigil.pid(), pgvigil.addr());
 
     // 500 slow queries (10 sessions × 50 × 150 ms) while nothing listens on the OTLP port.
     let mut workers = Vec::new();
     for _ in 0..10 {
         let sql = "SELECT pg_sleep(0.15);\n".repeat(50);
         let dsn = pg.dsn();
-        let psql = pg.bindir().join("psql");
+        let psql = pg.psql_program();
         workers.push(std::thread::spawn(move || {
-            let psql = if psql.exists() { psql } else { "psql".into() };
             // On stdin, psql sends one statement at a time (with -c it would be one query).
             let mut child = Command::new(psql)
                 .args(["-X", "-q", "-d", &dsn])
@@ -382,7 +223,7 @@ fn receiver_down_drops_and_counts_spans_with_bounded_memory() {
     }
     let mut max_rss = 0;
     while workers.iter().any(|w| !w.is_finished()) {
-        max_rss = max_rss.max(rss_kib(child_pid));
+        max_rss = max_rss.max(rss_kib(pgvigil_pid));
         let (status, _) = get(&format!("http://{listen}/metrics"));
         assert_eq!(status, 200, "/metrics keeps answering");
         std::thread::sleep(Duration::from_millis(200));
@@ -391,7 +232,7 @@ fn receiver_down_drops_and_counts_spans_with_bounded_memory() {
         w.join().unwrap();
     }
     std::thread::sleep(Duration::from_secs(2));
-    max_rss = max_rss.max(rss_kib(child_pid));
+    max_rss = max_rss.max(rss_kib(pgvigil_pid));
     let s = parse(&get(&format!("http://{listen}/metrics")).1);
     let dropped: f64 = find(&s, "pgvigil_spans_dropped_total", &[])
         .iter()
@@ -405,12 +246,10 @@ fn receiver_down_drops_and_counts_spans_with_bounded_memory() {
     assert!(max_rss < RSS_LIMIT_KIB, "RSS {max_rss} KiB");
 
     // Receiver back: new spans arrive.
-    let recv = RunningReceiver::start(otlp);
+    let recv = OtlpReceiver::start(otlp);
     pg.psql("postgres", "SELECT pg_sleep(0.3) /* after recovery */")
         .unwrap();
-    wait_spans(&recv, "a span after the receiver came back", |s| {
-        !s.is_empty()
-    });
+    recv.wait_for("a span after the receiver came back", |s| !s.is_empty());
     let s = wait_for_exported(listen);
     assert!(s >= 1.0);
 }

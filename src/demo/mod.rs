@@ -1,79 +1,64 @@
 //! `pgvigil demo`: a throwaway local PostgreSQL with a small workload, monitored by
 //! pgvigil, for a first look. Everything it starts is stopped and deleted on Ctrl-C.
 //!
-//! The workload shows each signal pgvigil is for: fast and erratic queries
-//! (pg_stat_statements window stddev), a lock pile-up every 30 s (a transaction holds a
-//! row while two sessions queue behind it), an index build about every minute, and one invalid
-//! index left by a failed `CREATE UNIQUE INDEX CONCURRENTLY`.
+//! - [`cluster`]: the throwaway server (the integration tests use it too);
+//! - `workload`: the schema and the sessions that give pgvigil something to watch.
+//!
+//! This file wires them together: start the cluster, a monitoring role and the
+//! workload, point pgvigil at the cluster and run it until shutdown ([`run`]).
 
 pub mod cluster;
+mod workload;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread;
-use std::time::Duration;
+use std::future::Future;
+use std::net::SocketAddr;
 
 use cluster::{ClusterError, ClusterOptions, TempCluster};
+use workload::Workload;
 
-/// The demo's database server plus its workload threads.
-pub struct Demo {
-    pub cluster: TempCluster,
-    stop: Arc<AtomicBool>,
-    workload: Vec<thread::JoinHandle<()>>,
-}
+use crate::config::{Config, Interval, TargetConfig};
+use crate::StartError;
 
 /// The role pgvigil connects as in the demo: only `pg_monitor`, as recommended.
 pub const DEMO_ROLE: &str = "pgvigil";
 
+/// How often the demo polls: short-lived demo events (lock pile-ups, index builds)
+/// need a faster poll than the default 15 s.
+const DEMO_INTERVAL_SECS: u64 = 5;
+
+/// Everything that can stop the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Cluster(#[from] ClusterError),
+    #[error("{0}")]
+    Dsn(String),
+    #[error("{0}")]
+    Run(#[from] StartError),
+}
+
+/// The demo's database server plus its workload.
+pub struct Demo {
+    /// Held for its `Drop`, and declared first so that it is dropped first: the
+    /// workload's sessions end before the server they talk to stops.
+    _workload: Workload,
+    pub cluster: TempCluster,
+}
+
 impl Demo {
-    /// Starts the cluster, creates a monitoring role and a small schema, and starts the
-    /// workload threads.
+    /// Starts the cluster, creates the monitoring role, and starts the workload.
+    /// Blocks for a while (initdb, loading the schema).
     pub fn start() -> Result<Demo, ClusterError> {
         let cluster =
             TempCluster::start(ClusterOptions::default().with_setting("track_io_timing", "on"))?;
         cluster.psql(
             "postgres",
-            &format!(
-                "CREATE ROLE {DEMO_ROLE} LOGIN; GRANT pg_monitor TO {DEMO_ROLE};
-                 CREATE DATABASE shop;"
-            ),
+            &format!("CREATE ROLE {DEMO_ROLE} LOGIN; GRANT pg_monitor TO {DEMO_ROLE};"),
         )?;
-        cluster.psql(
-            "shop",
-            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
-             CREATE TABLE orders (id bigserial PRIMARY KEY, customer int, total numeric);
-             INSERT INTO orders (customer, total) SELECT g % 100, g FROM generate_series(1, 10000) g;
-             CREATE TABLE events (id bigint, payload text);
-             INSERT INTO events SELECT g, md5(g::text) FROM generate_series(1, 1500000) g;",
-        )?;
-        // A failed concurrent build leaves an invalid index behind (duplicates in customer).
-        let _ = cluster.psql(
-            "shop",
-            "CREATE UNIQUE INDEX CONCURRENTLY orders_customer_key ON orders (customer);",
-        );
-        let stop = Arc::new(AtomicBool::new(false));
-        let psql = {
-            let p = cluster.bindir().join("psql");
-            if p.exists() {
-                p
-            } else {
-                PathBuf::from("psql")
-            }
-        };
-        let dsn = cluster.dsn_for("postgres", "shop");
-        let mut workload = Vec::new();
-        type Job = fn(&Path, &str, &AtomicBool);
-        let jobs: [Job; 3] = [queries, pile_up, index_builds];
-        for job in jobs {
-            let (stop, psql, dsn) = (Arc::clone(&stop), psql.clone(), dsn.clone());
-            workload.push(thread::spawn(move || job(&psql, &dsn, &stop)));
-        }
+        let workload = Workload::start(&cluster)?;
         Ok(Demo {
+            _workload: workload,
             cluster,
-            stop,
-            workload,
         })
     }
 
@@ -81,94 +66,61 @@ impl Demo {
     pub fn dsn(&self) -> String {
         self.cluster.dsn_for(DEMO_ROLE, "postgres")
     }
-}
 
-impl Drop for Demo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for w in self.workload.drain(..) {
-            let _ = w.join();
+    /// pgvigil's configuration for the demo: one target, the cluster, polled every 5 s.
+    fn config(&self, listen: Option<SocketAddr>) -> Result<Config, DemoError> {
+        let mut config = Config::default();
+        if let Some(l) = listen {
+            config.listen = l;
         }
+        config.collectors.defaults.interval = Interval::from_secs(DEMO_INTERVAL_SECS);
+        config.targets.push(TargetConfig {
+            name: "demo".into(),
+            dsn: self.dsn().parse().map_err(DemoError::Dsn)?,
+            password_file: None,
+            labels: Default::default(),
+            databases: Default::default(),
+        });
+        Ok(config)
     }
 }
 
-/// Starts `sql` in one psql session (the caller waits for it, or not). Each `-c` is its
-/// own transaction unless the text says BEGIN; several in one string run as one.
-fn psql(psql: &Path, dsn: &str, sql: &str) -> Option<std::process::Child> {
-    let mut cmd = Command::new(psql);
-    cmd.args(["-X", "-q", "-d", dsn]);
-    for statement in sql.split(";;") {
-        cmd.args(["-c", statement]);
-    }
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()
-}
-
-/// Sleeps `secs` in short steps; false when the demo is stopping.
-fn pause(stop: &AtomicBool, secs: f64) -> bool {
-    let mut left = secs;
-    while left > 0.0 {
-        if stop.load(Ordering::Relaxed) {
-            return false;
-        }
-        thread::sleep(Duration::from_secs_f64(left.min(0.2)));
-        left -= 0.2;
-    }
-    !stop.load(Ordering::Relaxed)
-}
-
-/// Quick lookups, an update, and a report whose latency jumps around.
-fn queries(bin: &Path, dsn: &str, stop: &AtomicBool) {
-    let mut round = 0u64;
-    loop {
-        round += 1;
-        let erratic = if round % 5 == 0 { 0.3 } else { 0.02 };
-        let sql = format!(
-            "SELECT count(*) FROM orders WHERE customer = {c};
-             SELECT pg_sleep({erratic}) /* erratic report */;
-             UPDATE orders SET total = total + 1 WHERE id = {id};",
-            c = round % 100,
-            id = round % 10_000 + 1
+/// Runs `pgvigil demo` until `shutdown` resolves: starts the demo, serves its metrics
+/// on `listen` (default: the config default), then stops and deletes everything. Tells
+/// the user what is happening on stderr, as the command's own output.
+pub async fn run(
+    listen: Option<SocketAddr>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DemoError> {
+    eprintln!("pgvigil demo: starting a throwaway PostgreSQL server...");
+    let (demo, config) = blocking(move || {
+        let demo = Demo::start()?;
+        let config = demo.config(listen)?;
+        Ok::<_, DemoError>((demo, config))
+    })
+    .await?;
+    eprintln!(
+        "pgvigil demo: PostgreSQL {} on 127.0.0.1:{} (data in {}); monitoring as role {}",
+        demo.cluster.major_version(),
+        demo.cluster.port(),
+        demo.cluster.data_dir().display(),
+        DEMO_ROLE
+    );
+    let result = crate::run(config, None, shutdown, |addr| {
+        eprintln!(
+            "pgvigil demo: metrics at http://{addr}/metrics  (Ctrl-C stops and deletes everything)"
         );
-        if let Some(mut c) = psql(bin, dsn, &sql) {
-            let _ = c.wait();
-        }
-        if !pause(stop, 0.5) {
-            return;
-        }
-    }
+    })
+    .await;
+    blocking(move || drop(demo)).await;
+    eprintln!("pgvigil demo: stopped and cleaned up");
+    Ok(result?)
 }
 
-/// Every 30 s: a transaction holds a row for 12 s while two sessions queue behind it.
-fn pile_up(bin: &Path, dsn: &str, stop: &AtomicBool) {
-    while pause(stop, 20.0) {
-        let holder = psql(
-            bin,
-            dsn,
-            "BEGIN; SELECT * FROM orders WHERE id = 1 FOR UPDATE; SELECT pg_sleep(12); COMMIT;",
-        );
-        thread::sleep(Duration::from_millis(300));
-        let waiters: Vec<_> = (0..2)
-            .filter_map(|_| psql(bin, dsn, "UPDATE orders SET total = total WHERE id = 1"))
-            .collect();
-        for mut c in holder.into_iter().chain(waiters) {
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Every minute: build an index on `events` and drop it again.
-fn index_builds(bin: &Path, dsn: &str, stop: &AtomicBool) {
-    while pause(stop, 45.0) {
-        if let Some(mut c) = psql(
-            bin,
-            dsn,
-            // `;;` separates statements that must not share a transaction.
-            // A deliberately slow build (small sort memory, ICU comparisons): a few seconds.
-            "SET maintenance_work_mem = '1MB';; SET max_parallel_maintenance_workers = 0;; \
-             CREATE INDEX CONCURRENTLY events_payload_idx ON events \
-             (md5(payload) COLLATE \"en-x-icu\", md5(id::text));; DROP INDEX IF EXISTS events_payload_idx",
-        ) {
-            let _ = c.wait();
-        }
+/// Runs `f` (starting or stopping processes, waiting for them) off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => t,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }

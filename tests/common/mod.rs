@@ -1,6 +1,16 @@
 //! The one harness for integration tests: a throwaway PostgreSQL (the same code as
 //! `pgvigil demo`), pgvigil running in-process on a free port, and scraping helpers.
+//!
+//! - this file: the cluster, pgvigil in-process ([`start`]) or polled by hand
+//!   ([`ManualPoller`]), scraping and parsing `/metrics`, client sessions;
+//! - [`binary`]: the real `pgvigil` binary as a child process, killed on drop;
+//! - [`otlp`]: a real OTLP gRPC trace receiver;
+//! - [`prometheus`]: a real Prometheus server, and `promtool check metrics`.
 #![allow(dead_code)]
+
+pub mod binary;
+pub mod otlp;
+pub mod prometheus;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,6 +29,16 @@ pub fn cluster(extra: &[(&str, &str)]) -> TempCluster {
     TempCluster::start(opts).expect("start a throwaway PostgreSQL")
 }
 
+/// Something serving pgvigil's HTTP endpoints: in-process ([`Running`]) or the binary
+/// ([`binary::Pgvigil`]).
+pub trait Serving {
+    fn addr(&self) -> SocketAddr;
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr(), path)
+    }
+}
+
 /// pgvigil running in the background of a test; stopped on drop.
 pub struct Running {
     pub addr: SocketAddr,
@@ -26,9 +46,9 @@ pub struct Running {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Running {
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+impl Serving for Running {
+    fn addr(&self) -> SocketAddr {
+        self.addr
     }
 }
 
@@ -194,7 +214,7 @@ pub fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<f6
 
 /// Scrapes until `check` returns Some, or panics after `timeout` with the last scrape.
 pub fn wait_for<T>(
-    run: &Running,
+    run: &impl Serving,
     timeout: Duration,
     what: &str,
     mut check: impl FnMut(&[Sample]) -> Option<T>,
@@ -228,6 +248,23 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
 }
 
+/// An address on 127.0.0.1 where nothing listened a moment ago (for a server that is
+/// started later, or never).
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A child process (a server a test started) killed by its own handle when the test
+/// ends, pass or fail; never by name.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The last `n` lines of `text`, for failure messages.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -243,24 +280,13 @@ pub struct ManualPoller {
 }
 
 impl ManualPoller {
+    /// The pollers `pgvigil` itself would start for `config` ([`pgvigil::pollers`]),
+    /// not started.
     pub fn new(config: &Config) -> ManualPoller {
-        let catalog = pgvigil::collector::pack::Catalog::load(&config.collectors).unwrap();
-        let store = pgvigil::store::Store::new();
-        let collectors = std::sync::Arc::new(catalog.collectors.clone());
-        let pollers = config
-            .resolve_targets(&pgvigil::process_env)
-            .unwrap()
-            .into_iter()
-            .map(|t| {
-                pgvigil::collector::poller::TargetPoller::new(
-                    t,
-                    collectors.clone(),
-                    config.collectors.defaults,
-                    config.statements,
-                    store.clone(),
-                )
-            })
-            .collect();
+        let catalog = pgvigil::collector::pack::Catalog::load(&config.collectors)
+            .unwrap_or_else(|e| panic!("packs: {e}"));
+        let (store, pollers) =
+            pgvigil::pollers(config, &catalog).unwrap_or_else(|e| panic!("pollers: {e}"));
         ManualPoller {
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()

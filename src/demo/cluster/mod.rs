@@ -29,40 +29,46 @@
 //! without running `Drop` (SIGKILL, a test-runner timeout, `panic = "abort"`,
 //! a cluster kept in a `static`), the watchdog stops the server with `pg_ctl`
 //! and deletes the temp directory, so nothing leaks.
+//!
+//! # Layout
+//! - this file: [`TempCluster`] (start, `psql`, stop and restart, teardown),
+//!   [`ClusterOptions`] and [`ClusterError`];
+//! - `binaries`: finding the server binaries ([`find_bindir`]) and system tools;
+//! - `user`: the unprivileged OS user [`OS_USER`], created under `flock`;
+//! - `runner`: running a program as that user, with a clean environment;
+//! - `conf`: our `postgresql.conf` block and the caller's settings;
+//! - `ports`: free ports, and noticing that a port was taken;
+//! - `watchdog`: cleaning up after a process that died without `Drop`.
 
-use std::collections::hash_map::RandomState;
-use std::collections::HashSet;
-use std::ffi::OsString;
+mod binaries;
+mod conf;
+mod ports;
+mod runner;
+mod user;
+mod watchdog;
+
 use std::fs;
-use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
-/// Environment variable that points [`find_bindir`] at a specific bindir.
-pub const BINDIR_ENV: &str = "PGVIGIL_PG_BINDIR";
+pub use binaries::{find_bindir, parse_major_version, BINDIR_ENV};
+pub use user::OS_USER;
 
-/// Unprivileged OS user that runs the server when this process is root.
-pub const OS_USER: &str = "pgvigil-pg";
+use binaries::{check_bindir, is_executable, system_tool};
+use conf::{render_base_settings, render_settings};
+use ports::{log_says_addr_in_use, pick_port};
+use runner::{output_text, run, run_checked, Runner};
+use user::{ensure_os_user, is_root};
+use watchdog::Watchdog;
 
 /// Database superuser created by `initdb` (trust authentication, no password).
 pub const SUPERUSER: &str = "postgres";
-
-/// Root of Debian/Ubuntu's versioned PostgreSQL installations.
-const DEBIAN_LIB_ROOT: &str = "/usr/lib/postgresql";
-
-/// Binaries a bindir must contain for us to be able to run a cluster.
-const REQUIRED_BINARIES: [&str; 3] = ["postgres", "initdb", "pg_ctl"];
-
-/// Places [`find_bindir`] looks in, in order (used in the error message).
-const LOOKED_IN: &str = "$PGVIGIL_PG_BINDIR, PATH, `pg_config --bindir`, /usr/lib/postgresql/*/bin";
 
 /// How many times `start()` tries a fresh port when the chosen one is taken.
 const START_ATTEMPTS: u32 = 5;
@@ -76,11 +82,6 @@ const PG_CTL_TIMEOUT_SECS: &str = "60";
 /// Unix socket paths are limited to 107 bytes (plus NUL); the socket file
 /// name `.s.PGSQL.NNNNN` takes 15 of them and the `/s/` directory another 3.
 const MAX_TEMP_ROOT_LEN: usize = 107 - 15 - 3 - 16;
-
-/// Lowest port handed out; we pick below the kernel's ephemeral range so that
-/// client sockets (which get ephemeral ports) can never grab a cluster's port
-/// while it is stopped between `stop()` and `restart()`.
-const MIN_PORT: u16 = 10_000;
 
 /// Errors from finding binaries and running a [`TempCluster`].
 #[derive(Debug, thiserror::Error)]
@@ -261,8 +262,8 @@ pub struct TempCluster {
     major_version: u32,
     runner: Runner,
     /// Cleans up if this process dies without running `Drop` (see
-    /// [`TempCluster::spawn_watchdog`]); `None` if it could not be started.
-    watchdog: Option<Child>,
+    /// [`watchdog`]); `None` if it could not be started.
+    watchdog: Option<Watchdog>,
 }
 
 impl TempCluster {
@@ -315,7 +316,12 @@ impl TempCluster {
             watchdog: None,
         };
         // From here on `cluster`'s Drop cleans up on every early return.
-        cluster.watchdog = cluster.spawn_watchdog();
+        cluster.watchdog = Watchdog::spawn(
+            &cluster.runner,
+            &cluster.bindir.join("pg_ctl"),
+            &cluster.data_dir,
+            &cluster.root,
+        );
 
         if let Some(user) = &cluster.runner.as_user {
             let mut chown = Command::new(system_tool("chown"));
@@ -435,6 +441,16 @@ impl TempCluster {
         matches!(cmd.output(), Ok(out) if out.status.success())
     }
 
+    /// The `psql` to run: the one next to the server binaries, else `psql` from PATH.
+    pub fn psql_program(&self) -> PathBuf {
+        let local = self.bindir.join("psql");
+        if is_executable(&local) {
+            local
+        } else {
+            PathBuf::from("psql")
+        }
+    }
+
     /// Runs `sql` (one or more statements; psql meta-commands allowed) as the
     /// superuser in database `db` and returns psql's unaligned, tuples-only
     /// output, trimmed. Command tags (`CREATE TABLE`, ...) are suppressed.
@@ -444,13 +460,8 @@ impl TempCluster {
 
     /// Like [`TempCluster::psql`] but connecting as database role `user`.
     pub fn psql_as(&self, user: &str, db: &str, sql: &str) -> Result<String, ClusterError> {
-        let local = self.bindir.join("psql");
-        let bundled = is_executable(&local);
-        let program = if bundled {
-            local
-        } else {
-            PathBuf::from("psql")
-        };
+        let program = self.psql_program();
+        let bundled = program.starts_with(&self.bindir);
         let conninfo = format!(
             "host=127.0.0.1 port={} user={} dbname={} sslmode=disable connect_timeout=10",
             self.port,
@@ -610,36 +621,6 @@ impl TempCluster {
         })
     }
 
-    /// Starts the watchdog (see [`WATCHDOG_SCRIPT`]) in its own process group
-    /// so that signals aimed at our group (Ctrl-C, `timeout`, test runners)
-    /// do not take it down with us.
-    fn spawn_watchdog(&self) -> Option<Child> {
-        let sh = find_system_tool("sh").unwrap_or_else(|| PathBuf::from("/bin/sh"));
-        let mut cmd = Command::new(sh);
-        self.runner.apply_env(&mut cmd);
-        cmd.arg("-c")
-            .arg(WATCHDOG_SCRIPT)
-            .arg("pgvigil-cluster-watchdog")
-            .arg(&self.data_dir)
-            .arg(&self.root);
-        if let Some(user) = &self.runner.as_user {
-            cmd.arg(system_tool("runuser")).args(["-u", user, "--"]);
-        }
-        cmd.arg(self.bindir.join("pg_ctl"))
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0);
-        match cmd.spawn() {
-            Ok(child) => Some(child),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not start the cluster watchdog; a crash may leak the server");
-                None
-            }
-        }
-    }
-
     /// Best-effort immediate shutdown for `Drop`; never panics.
     fn shutdown_immediately(&self) {
         let pid_file = self.data_dir.join("postmaster.pid");
@@ -693,339 +674,16 @@ impl Drop for TempCluster {
                 tracing::warn!(dir = %self.root.display(), error = %e, "could not remove temp cluster dir");
             }
         }
-        if let Some(mut watchdog) = self.watchdog.take() {
-            // EOF wakes it; with nothing left to clean up it exits at once.
-            drop(watchdog.stdin.take());
-            for _ in 0..100 {
-                if !matches!(watchdog.try_wait(), Ok(None)) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        // Only now that the server is stopped and the directory gone: releasing
+        // the watchdog earlier would let it race us for the same cleanup.
+        drop(self.watchdog.take());
     }
 }
-
-/// Script of the watchdog process: blocks until its stdin (a pipe whose only
-/// writer is this process) reaches EOF, i.e. until the cluster is dropped or
-/// this process dies in any way (panic=abort, SIGKILL, a test-runner
-/// timeout, a static cluster never dropped); then stops the server on our data
-/// directory with pg_ctl and deletes our temp directory.
-/// Arguments: data dir, temp dir, then the pg_ctl command (maybe via runuser).
-const WATCHDOG_SCRIPT: &str = r#"trap '' HUP INT TERM
-data=$1; root=$2; shift 2
-read -r _ignored
-if [ -f "$data/postmaster.pid" ]; then
-    "$@" -D "$data" -m immediate -w -t 30 stop >/dev/null 2>&1
-fi
-rm -rf -- "$root"
-"#;
 
 /// Why one `pg_ctl start` failed.
 struct StartFailure {
     reason: String,
     addr_in_use: bool,
-}
-
-/// Runs programs either directly or, when we are root, as [`OS_USER`]
-/// through `runuser` (which keeps the environment, including
-/// `LD_LIBRARY_PATH`, since it is not given `-l`).
-#[derive(Debug, Clone)]
-struct Runner {
-    as_user: Option<String>,
-    /// `LD_LIBRARY_PATH` value when `<bindir>/../lib` exists.
-    ld_library_path: Option<OsString>,
-    cwd: PathBuf,
-}
-
-impl Runner {
-    fn new(bindir: &Path, as_user: Option<String>, cwd: &Path) -> Runner {
-        let lib = bindir.join("..").join("lib");
-        let ld_library_path = lib.is_dir().then(|| {
-            let mut value = OsString::from(lib.as_os_str());
-            if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
-                value.push(":");
-                value.push(old);
-            }
-            value
-        });
-        Runner {
-            as_user,
-            ld_library_path,
-            cwd: cwd.to_path_buf(),
-        }
-    }
-
-    /// A command for `program`, as [`OS_USER`] when we are root.
-    fn command(&self, program: &Path) -> Command {
-        let mut cmd = match &self.as_user {
-            Some(user) => {
-                let mut cmd = Command::new(system_tool("runuser"));
-                cmd.arg("-u").arg(user).arg("--").arg(program);
-                cmd
-            }
-            None => Command::new(program),
-        };
-        self.apply_env(&mut cmd);
-        // The caller's cwd (e.g. /root) may not be accessible to OS_USER.
-        cmd.current_dir(&self.cwd);
-        cmd
-    }
-
-    /// Environment for every child: no inherited libpq/server `PG*`
-    /// variables, C locale (we parse messages), and `LD_LIBRARY_PATH`.
-    fn apply_env(&self, cmd: &mut Command) {
-        for (name, _) in std::env::vars_os() {
-            if name.as_encoded_bytes().starts_with(b"PG") {
-                cmd.env_remove(&name);
-            }
-        }
-        cmd.env("LC_ALL", "C");
-        if let Some(value) = &self.ld_library_path {
-            cmd.env("LD_LIBRARY_PATH", value);
-        }
-        cmd.stdin(Stdio::null());
-    }
-}
-
-/// Finds a directory with the PostgreSQL server binaries.
-///
-/// Order: `$PGVIGIL_PG_BINDIR` (an error if set but unusable), the first
-/// `PATH` entry with `initdb` and `postgres` (symlinks into a real bindir are
-/// resolved to it), `pg_config --bindir`, then the highest version among
-/// `/usr/lib/postgresql/*/bin`. `pg_ctl` must be present too.
-pub fn find_bindir() -> Result<PathBuf, ClusterError> {
-    find_bindir_in(
-        std::env::var_os(BINDIR_ENV),
-        std::env::var_os("PATH"),
-        pg_config_bindir,
-        Path::new(DEBIAN_LIB_ROOT),
-    )
-}
-
-fn find_bindir_in(
-    env_bindir: Option<OsString>,
-    path_var: Option<OsString>,
-    pg_config: impl FnOnce() -> Option<PathBuf>,
-    lib_root: &Path,
-) -> Result<PathBuf, ClusterError> {
-    // 1. explicit override
-    if let Some(dir) = env_bindir.filter(|v| !v.is_empty()) {
-        let dir = PathBuf::from(dir);
-        check_bindir(&dir, "$PGVIGIL_PG_BINDIR")?;
-        return Ok(std::path::absolute(&dir).unwrap_or(dir));
-    }
-    // 2. PATH
-    if let Some(path_var) = path_var {
-        for dir in std::env::split_paths(&path_var) {
-            if dir.as_os_str().is_empty() || !missing_binaries(&dir).is_empty() {
-                continue;
-            }
-            // /usr/local/bin/postgres -> /usr/lib/postgresql/15/bin/postgres:
-            // prefer the real bindir (it has psql and the right ../lib).
-            let real = fs::canonicalize(dir.join("postgres"))
-                .ok()
-                .and_then(|p| p.parent().map(Path::to_path_buf))
-                .filter(|real| missing_binaries(real).is_empty());
-            return Ok(real.unwrap_or_else(|| std::path::absolute(&dir).unwrap_or(dir)));
-        }
-    }
-    // 3. pg_config --bindir
-    if let Some(dir) = pg_config().filter(|d| missing_binaries(d).is_empty()) {
-        return Ok(dir);
-    }
-    // 4. /usr/lib/postgresql/*/bin, highest version
-    let candidates = fs::read_dir(lib_root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().to_str()?.to_owned();
-            let bin = entry.path().join("bin");
-            missing_binaries(&bin).is_empty().then_some((name, bin))
-        });
-    pick_highest_version(candidates).ok_or_else(|| ClusterError::NoBinaries {
-        looked: LOOKED_IN.to_owned(),
-    })
-}
-
-fn pg_config_bindir() -> Option<PathBuf> {
-    let out = Command::new("pg_config")
-        .arg("--bindir")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let dir = String::from_utf8(out.stdout).ok()?;
-    let dir = dir.trim();
-    (!dir.is_empty()).then(|| PathBuf::from(dir))
-}
-
-/// Picks the directory whose version-like name (`15`, `9.6`, `16.2`) is
-/// highest; names that are not versions are ignored.
-fn pick_highest_version(
-    candidates: impl IntoIterator<Item = (String, PathBuf)>,
-) -> Option<PathBuf> {
-    candidates
-        .into_iter()
-        .filter_map(|(name, dir)| parse_dir_version(&name).map(|v| (v, dir)))
-        .max_by(|a, b| a.0.cmp(&b.0))
-        .map(|(_, dir)| dir)
-}
-
-fn parse_dir_version(name: &str) -> Option<Vec<u32>> {
-    name.split('.')
-        .map(|part| part.parse::<u32>().ok())
-        .collect()
-}
-
-/// Major version from `postgres --version` output
-/// (`postgres (PostgreSQL) 15.18 (Debian ...)` => 15, `17devel` => 17) or
-/// from a `PG_VERSION` file (`15`). For pre-10 versions (`9.6.24`) this is 9.
-pub fn parse_major_version(text: &str) -> Option<u32> {
-    let rest = match text.find("(PostgreSQL)") {
-        Some(i) => &text[i + "(PostgreSQL)".len()..],
-        None => text,
-    };
-    let token = rest
-        .split_whitespace()
-        .find(|t| t.starts_with(|c: char| c.is_ascii_digit()))?;
-    let digits: String = token.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
-}
-
-fn check_bindir(dir: &Path, origin: &'static str) -> Result<(), ClusterError> {
-    let missing = missing_binaries(dir);
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(ClusterError::BadBindir {
-            origin,
-            dir: dir.to_path_buf(),
-            missing: missing.join(", "),
-        })
-    }
-}
-
-fn missing_binaries(dir: &Path) -> Vec<&'static str> {
-    REQUIRED_BINARIES
-        .iter()
-        .copied()
-        .filter(|name| !is_executable(&dir.join(name)))
-        .collect()
-}
-
-fn is_executable(path: &Path) -> bool {
-    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// Absolute path of a system tool (PATH may lack the sbin directories),
-/// or just its name for a PATH lookup.
-fn system_tool(name: &str) -> PathBuf {
-    find_system_tool(name).unwrap_or_else(|| PathBuf::from(name))
-}
-
-fn find_system_tool(name: &str) -> Option<PathBuf> {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|dir| Path::new(dir).join(name))
-        .find(|p| is_executable(p))
-}
-
-fn is_root() -> bool {
-    let from_proc = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| parse_effective_uid(&s));
-    let uid = from_proc.or_else(|| {
-        let out = Command::new("id").arg("-u").output().ok()?;
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    });
-    uid == Some(0)
-}
-
-/// Effective uid from `/proc/self/status` (`Uid:\treal\teffective\tsaved\tfs`).
-fn parse_effective_uid(status: &str) -> Option<u32> {
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
-
-/// Serialises user creation within this process; `true` once it exists.
-static OS_USER_READY: Mutex<bool> = Mutex::new(false);
-
-fn ensure_os_user() -> Result<(), ClusterError> {
-    let mut ready = lock(&OS_USER_READY);
-    if *ready || os_user_exists() {
-        *ready = true;
-        return Ok(());
-    }
-    let useradd = system_tool("useradd");
-    let useradd_args = [
-        "--system",
-        "--no-create-home",
-        "--shell",
-        "/usr/sbin/nologin",
-        OS_USER,
-    ];
-    let mut last_output = String::new();
-    for attempt in 1..=5u64 {
-        // Concurrent `useradd`s are not safe: on Debian 12 they all "succeed",
-        // rewriting /etc/passwd with different uids, so a process can end up
-        // running as a uid that no longer exists ("could not look up effective
-        // user ID"). Serialise them across processes with flock(1).
-        let mut cmd = match find_system_tool("flock") {
-            Some(flock) => {
-                let mut cmd = Command::new(flock);
-                cmd.args(["-w", "60"])
-                    .arg(useradd_lock_path())
-                    .arg(&useradd)
-                    .args(useradd_args);
-                cmd
-            }
-            None => {
-                let mut cmd = Command::new(&useradd);
-                cmd.args(useradd_args);
-                cmd
-            }
-        };
-        let out = run(&mut cmd)?;
-        // 9 = name already in use: another process created it meanwhile.
-        if out.status.success() || out.status.code() == Some(9) || os_user_exists() {
-            *ready = true;
-            return Ok(());
-        }
-        last_output = format!("({}) {}", out.status, output_text(&out));
-        std::thread::sleep(Duration::from_millis(200 * attempt));
-    }
-    Err(ClusterError::CommandFailed {
-        command: format!("useradd {}", useradd_args.join(" ")),
-        status: "5 attempts".to_owned(),
-        output: format!(
-            "{last_output}\nPostgreSQL refuses to run as root, so pgvigil runs it as OS user {OS_USER}"
-        ),
-    })
-}
-
-fn useradd_lock_path() -> PathBuf {
-    let dir = Path::new("/run/lock");
-    let dir = if dir.is_dir() {
-        dir.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    };
-    dir.join("pgvigil-useradd.lock")
-}
-
-fn os_user_exists() -> bool {
-    Command::new(system_tool("id"))
-        .args(["-u", OS_USER])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Where to create the temp dir: `std::env::temp_dir()` unless its path is
@@ -1046,112 +704,8 @@ fn world_traversable(dir: &Path) -> bool {
     fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
 }
 
-/// Ports handed out by this process (never reused, so that parallel tests
-/// in one process cannot race for the same port).
-static USED_PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// A port free on 127.0.0.1, preferably below the ephemeral port range.
-fn pick_port() -> Result<u16, ClusterError> {
-    let mut used = lock(&USED_PORTS);
-    let used = used.get_or_insert_with(HashSet::new);
-    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    if ephemeral_low > MIN_PORT + 1_000 {
-        let span = u64::from(ephemeral_low - MIN_PORT);
-        for _ in 0..100 {
-            let offset = u16::try_from(random_u64() % span).unwrap_or(0);
-            let port = MIN_PORT + offset;
-            if !used.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                used.insert(port);
-                return Ok(port);
-            }
-        }
-    }
-    // Fallback: let the kernel choose.
-    for _ in 0..100 {
-        let port = TcpListener::bind(("127.0.0.1", 0))
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|_| ClusterError::NoFreePort)?;
-        if used.insert(port) {
-            return Ok(port);
-        }
-    }
-    Err(ClusterError::NoFreePort)
-}
-
-fn random_u64() -> u64 {
-    let mut hasher = RandomState::new().build_hasher();
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    hasher.write_u128(nanos);
-    hasher.write_u32(std::process::id());
-    hasher.finish()
-}
-
-fn log_says_addr_in_use(log: &str) -> bool {
-    log.contains("Address already in use")
-        || log.contains("could not bind IPv4 address")
-        || log.contains("could not create any TCP/IP sockets")
-}
-
-/// Our fixed `postgresql.conf` block.
-fn render_base_settings(port: u16, socket_dir: &Path) -> String {
-    let socket_dir = conf_quote(&socket_dir.to_string_lossy());
-    format!(
-        "# --- added by pgvigil (src/cluster.rs) ---\n\
-         listen_addresses = '127.0.0.1'\n\
-         port = {port}\n\
-         unix_socket_directories = {socket_dir}\n\
-         shared_preload_libraries = 'pg_stat_statements'\n\
-         pg_stat_statements.track = 'all'\n\
-         fsync = off\n\
-         synchronous_commit = off\n\
-         full_page_writes = off\n\
-         max_connections = 100\n\
-         logging_collector = off\n"
-    )
-}
-
-/// `ClusterOptions::settings` as `postgresql.conf` lines.
-fn render_settings(settings: &[(String, String)]) -> Result<String, ClusterError> {
-    let mut out = String::new();
-    if !settings.is_empty() {
-        out.push_str("# --- ClusterOptions::settings ---\n");
-    }
-    for (name, value) in settings {
-        let invalid = |reason| ClusterError::InvalidSetting {
-            name: name.clone(),
-            reason,
-        };
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-        {
-            return Err(invalid(
-                "names may only contain letters, digits, '_' and '.'",
-            ));
-        }
-        if value.contains(['\n', '\r', '\0']) {
-            return Err(invalid("values must not contain line breaks or NUL"));
-        }
-        out.push_str(&format!("{name} = {}\n", conf_quote(value)));
-    }
-    Ok(out)
-}
-
-/// Single-quoted postgresql.conf string value.
-fn conf_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// Single-quoted libpq conninfo value.
@@ -1213,47 +767,6 @@ fn io_err(context: String, source: io::Error) -> ClusterError {
     ClusterError::Io { context, source }
 }
 
-fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for arg in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&arg.to_string_lossy());
-    }
-    s
-}
-
-/// Runs `cmd` capturing its output; only spawning errors are errors.
-fn run(cmd: &mut Command) -> Result<Output, ClusterError> {
-    tracing::debug!(command = %describe(cmd), "running");
-    cmd.output()
-        .map_err(|e| io_err(format!("running `{}`", describe(cmd)), e))
-}
-
-/// Runs `cmd`; a non-zero exit is a [`ClusterError::CommandFailed`].
-fn run_checked(cmd: &mut Command) -> Result<Output, ClusterError> {
-    let out = run(cmd)?;
-    if out.status.success() {
-        Ok(out)
-    } else {
-        Err(ClusterError::CommandFailed {
-            command: describe(cmd),
-            status: out.status.to_string(),
-            output: output_text(&out),
-        })
-    }
-}
-
-fn output_text(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    [stdout.trim(), stderr.trim()]
-        .iter()
-        .filter(|s| !s.is_empty())
-        .copied()
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Compile-time check: clusters can be shared with other threads/tasks.
 const _: () = {
     const fn check<T: Send + Sync>() {}
@@ -1264,147 +777,6 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn major_version_from_postgres_version_output() {
-        assert_eq!(
-            parse_major_version("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"),
-            Some(15)
-        );
-        assert_eq!(parse_major_version("postgres (PostgreSQL) 16.4"), Some(16));
-        assert_eq!(
-            parse_major_version("postgres (PostgreSQL) 17devel"),
-            Some(17)
-        );
-        assert_eq!(
-            parse_major_version("postgres (PostgreSQL) 18beta1"),
-            Some(18)
-        );
-        assert_eq!(parse_major_version("postgres (PostgreSQL) 9.6.24"), Some(9));
-        assert_eq!(parse_major_version("15\n"), Some(15));
-        assert_eq!(parse_major_version("garbage"), None);
-        assert_eq!(parse_major_version(""), None);
-    }
-
-    #[test]
-    fn highest_versioned_bindir_wins() {
-        let dirs = ["9.6", "15", "16", "10", "foo", "13.2", ""]
-            .iter()
-            .map(|v| {
-                (
-                    v.to_string(),
-                    PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")),
-                )
-            });
-        assert_eq!(
-            pick_highest_version(dirs),
-            Some(PathBuf::from("/usr/lib/postgresql/16/bin"))
-        );
-        assert_eq!(pick_highest_version(Vec::new()), None);
-        assert_eq!(
-            pick_highest_version(vec![("x".to_string(), PathBuf::from("/x"))]),
-            None
-        );
-    }
-
-    #[test]
-    fn highest_versioned_bindir_from_fake_tree() {
-        let root = tempfile::tempdir().expect("tempdir");
-        for v in ["9.6", "14", "16", "17"] {
-            let bin = root.path().join(v).join("bin");
-            fs::create_dir_all(&bin).expect("mkdir");
-            // 17 is incomplete (no pg_ctl) and must be skipped.
-            let names: &[&str] = if v == "17" {
-                &["postgres", "initdb"]
-            } else {
-                &REQUIRED_BINARIES
-            };
-            for name in names {
-                let p = bin.join(name);
-                fs::write(&p, "#!/bin/sh\n").expect("write");
-                fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).expect("chmod");
-            }
-        }
-        let found = find_bindir_in(None, Some(OsString::new()), || None, root.path());
-        assert_eq!(found.ok(), Some(root.path().join("16").join("bin")));
-    }
-
-    #[test]
-    fn path_symlinks_resolve_to_the_real_bindir() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let real = root.path().join("real").join("bin");
-        let links = root.path().join("links");
-        fs::create_dir_all(&real).expect("mkdir");
-        fs::create_dir_all(&links).expect("mkdir");
-        for name in REQUIRED_BINARIES {
-            let p = real.join(name);
-            fs::write(&p, "#!/bin/sh\n").expect("write");
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).expect("chmod");
-            std::os::unix::fs::symlink(&p, links.join(name)).expect("symlink");
-        }
-        let path = std::env::join_paths([root.path().join("empty"), links]).expect("join");
-        let found = find_bindir_in(None, Some(path), || None, root.path());
-        let real = fs::canonicalize(real).expect("canonicalize");
-        assert_eq!(found.ok(), Some(real));
-    }
-
-    #[test]
-    fn no_binaries_error_says_what_to_install() {
-        let empty = tempfile::tempdir().expect("tempdir");
-        let err = find_bindir_in(None, Some(OsString::new()), || None, empty.path())
-            .expect_err("nothing to find");
-        let msg = err.to_string();
-        assert!(msg.contains("apt-get install postgresql"), "{msg}");
-        assert!(msg.contains("$PGVIGIL_PG_BINDIR"), "{msg}");
-        assert!(msg.contains("PATH"), "{msg}");
-        assert!(msg.contains("pg_config --bindir"), "{msg}");
-        assert!(msg.contains("/usr/lib/postgresql/*/bin"), "{msg}");
-    }
-
-    #[test]
-    fn bad_env_bindir_is_an_error_not_a_fallback() {
-        let empty = tempfile::tempdir().expect("tempdir");
-        let err = find_bindir_in(
-            Some(empty.path().as_os_str().to_owned()),
-            std::env::var_os("PATH"),
-            || None,
-            Path::new(DEBIAN_LIB_ROOT),
-        )
-        .expect_err("empty dir");
-        let msg = err.to_string();
-        assert!(msg.contains("$PGVIGIL_PG_BINDIR"), "{msg}");
-        assert!(msg.contains("postgres, initdb, pg_ctl"), "{msg}");
-    }
-
-    #[test]
-    fn effective_uid_from_proc_status() {
-        let status = "Name:\tcat\nUid:\t1000\t0\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n";
-        assert_eq!(parse_effective_uid(status), Some(0));
-        assert_eq!(parse_effective_uid("Name:\tx\n"), None);
-    }
-
-    #[test]
-    fn settings_are_quoted_and_validated() {
-        let rendered = render_settings(&[
-            ("pg_stat_statements.max".into(), "100".into()),
-            ("search_path".into(), "it's \\ here".into()),
-        ])
-        .expect("valid");
-        assert!(rendered.contains("pg_stat_statements.max = '100'\n"));
-        assert!(rendered.contains("search_path = 'it''s \\\\ here'\n"));
-        assert!(render_settings(&[("a = b".into(), "1".into())]).is_err());
-        assert!(render_settings(&[("".into(), "1".into())]).is_err());
-        assert!(render_settings(&[("a".into(), "1\nfsync = on".into())]).is_err());
-        assert_eq!(render_settings(&[]).ok(), Some(String::new()));
-    }
-
-    #[test]
-    fn base_settings_contain_port_and_socket_dir() {
-        let conf = render_base_settings(12345, Path::new("/tmp/pgvigil-x/s"));
-        assert!(conf.contains("port = 12345\n"));
-        assert!(conf.contains("unix_socket_directories = '/tmp/pgvigil-x/s'\n"));
-        assert!(conf.contains("shared_preload_libraries = 'pg_stat_statements'\n"));
-    }
 
     #[test]
     fn quoting_helpers() {
@@ -1425,29 +797,10 @@ mod tests {
     }
 
     #[test]
-    fn address_in_use_detection() {
-        let log = "LOG:  could not bind IPv4 address \"127.0.0.1\": Address already in use\n\
-                   WARNING:  could not create listen socket for \"127.0.0.1\"\n\
-                   FATAL:  could not create any TCP/IP sockets\n";
-        assert!(log_says_addr_in_use(log));
-        assert!(!log_says_addr_in_use(
-            "FATAL:  data directory has wrong ownership"
-        ));
-    }
-
-    #[test]
     fn default_options() {
         let opts = ClusterOptions::default();
         assert_eq!(opts.bindir, None);
         assert!(opts.settings.is_empty());
         assert_eq!(opts.extensions, vec!["pg_stat_statements".to_string()]);
-    }
-
-    #[test]
-    fn picked_ports_are_distinct_and_bindable() {
-        let a = pick_port().expect("port");
-        let b = pick_port().expect("port");
-        assert_ne!(a, b);
-        assert!(TcpListener::bind(("127.0.0.1", a)).is_ok());
     }
 }
