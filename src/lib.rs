@@ -1,31 +1,36 @@
 //! pgvigil: a PostgreSQL observability exporter.
 //!
 //! # Layout
-//! The modules follow the data flow of the product:
+//! The modules follow the data flow of the product (DESIGN.md §2), top to bottom:
 //!
 //! ```text
-//! config  ──► collector::pack ──► collector::poller ──► postgres ──► PostgreSQL
-//!                                        │ rows → families (collector::rows)
-//!                                        ▼
-//!                                      store  ──► exposition ──► http (/metrics)
+//! config ──► collector::pack ──► collector::poller ──(postgres::slot)──► PostgreSQL
+//!                                      │ rows → collector::steps (computed columns)
+//!                                      │      → collector::rows (families, as the pack declares)
+//!                                      ▼
+//!                                    store ──► exposition (+ health) ──► http (/metrics)
+//!
+//! trace::activity sampler ──(postgres::slot)──► pg_stat_activity ──► trace spans ──► OTLP
 //! ```
 //!
 //! - [`config`]: the YAML config file, environment overrides, file:line errors.
-//! - [`yaml`]: YAML → typed values with file, line and field in every error.
-//! - [`collector`]: collector packs (`queries/*.yaml`, compiled in, plus user packs), version
-//!   resolution, and the background poll loop per target.
+//! - [`collector`]: collector packs (`queries/*.yaml`, compiled in, plus user packs) and
+//!   version resolution (`pack`); the background poll loop per target (`poller`); the Rust
+//!   steps for what SQL cannot say (`steps`: statements top-N/window/`other`, index-build
+//!   ETA), which add columns to a [`collector::table::Table`]; rows → families (`rows`).
 //! - [`postgres`]: DSNs and TLS, sessions (`postgres::slot`: pgvigil's session settings,
 //!   one query at a time with its own timeouts, reconnect with backoff — for collectors and
 //!   the activity sampler alike), server facts, row values → numbers and labels.
 //! - [`store`]: the latest snapshot per target × collector × database, and target health.
+//! - [`health`]: pgvigil's own metrics, built from that health at each exposition.
 //! - [`exposition`]: snapshots → Prometheus text 0.0.4 or OpenMetrics.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; never queries PostgreSQL.
+//! - [`trace`]: the activity sampler, traceparent parsing, slow-query spans, OTLP export.
+//! - [`metric`]: the metric model every stage passes on (type, family, sample).
+//! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
+//! - [`yaml`]: YAML → typed values with file, line and field in every error.
 //! - [`demo`]: `pgvigil demo` ([`demo::run`]): a throwaway local PostgreSQL
 //!   ([`demo::cluster`], which the integration tests use too) with a small workload.
-//! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
-//! - [`statements`], [`window`], [`progress`]: Rust post-processing of collector rows
-//!   (pg_stat_statements window stats and top-N; index build ETA).
-//! - [`trace`]: the activity sampler, traceparent parsing, slow-query spans, OTLP export.
 
 pub mod collector;
 pub mod config;

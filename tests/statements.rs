@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::time::{Duration, Instant};
 
 /// Config with only the statements collector (and `extra` YAML): every other built-in
 /// collector is disabled, so no other query lands in pg_stat_statements.
@@ -215,4 +216,114 @@ fn missing_extension_is_reported_once_and_the_rest_goes_on() {
     let s = poller.poll();
     assert_eq!(value(&s, "pgvigil_collector_errors_total", &l), Some(1.0));
     assert!(value(&s, "pg_settings_max_connections", &[]).is_some());
+}
+
+/// Statement `i` of a family of distinct queries (a different operator pattern each, so a
+/// different queryid).
+fn statement(i: usize) -> String {
+    let mut sql = String::from("SELECT 1");
+    for bit in 0..8 {
+        sql.push_str(if i >> bit & 1 == 1 { "*1" } else { "+1" });
+    }
+    sql
+}
+
+/// `queryid="other"` is a true counter (issue: no resets when a query enters or leaves the
+/// top N). A workload whose hot queries move every poll or two, top N = 3, 60 polls 1 s
+/// apart: `other` never decreases, and the increase Prometheus would compute over the run —
+/// per series, resets included, summed over all series — equals the increase of
+/// `SELECT sum(calls)` for the workload's role.
+#[test]
+fn other_never_decreases_and_rates_add_up_under_a_shifting_workload() {
+    // 12 queries, so every hot set comes back every 8 polls: queries leave the top N and
+    // re-enter it, many times.
+    const QUERIES: usize = 12;
+    const POLLS: usize = 60;
+    let pg = cluster(&[("pg_stat_statements.track_utility", "off")]);
+    pg.psql("postgres", "CREATE ROLE app LOGIN").unwrap();
+    let app = Session::connect(&pg.dsn_for("app", "postgres"));
+    let truth = || -> f64 {
+        pg.psql(
+            "postgres",
+            "SELECT coalesce(sum(s.calls), 0) FROM pg_stat_statements s \
+             JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = 'app'",
+        )
+        .unwrap()
+        .parse()
+        .unwrap()
+    };
+    // Every query once, the hot three `hot_calls` times more.
+    let run = |round: usize, hot_calls: usize| {
+        let hot_start = 3 * (round / 2) % QUERIES;
+        let mut sql = String::new();
+        for i in 0..QUERIES {
+            let hot = (hot_start..hot_start + 3).contains(&i);
+            for _ in 0..(1 + if hot { hot_calls } else { 0 }) {
+                sql.push_str(&statement(i));
+                sql.push_str(";\n");
+            }
+        }
+        app.run(&sql);
+    };
+    run(0, 30);
+    let poller = ManualPoller::new(&statements_only(&pg.dsn(), "statements: {top_n: 3}\n"));
+
+    let app_calls = |s: &[Sample]| -> Vec<(String, f64)> {
+        find(s, "pg_stat_statements_calls_total", &[("user", "app")])
+            .iter()
+            .map(|c| (c.labels["queryid"].clone(), c.value))
+            .collect()
+    };
+    let mut last: std::collections::HashMap<String, f64> = Default::default();
+    let mut increase = 0.0;
+    let mut members_before: Option<std::collections::BTreeSet<String>> = None;
+    let mut changes = 0;
+    let mut start_truth = 0.0;
+    let started = Instant::now();
+    for round in 0..POLLS {
+        if round > 0 {
+            run(round, 30);
+        }
+        let s = poller.poll();
+        if round == 0 {
+            start_truth = truth();
+        }
+        let calls = app_calls(&s);
+        for (queryid, v) in &calls {
+            if let Some(prev) = last.get(queryid) {
+                if queryid == "other" {
+                    assert!(
+                        v >= prev,
+                        "poll {round}: other went down from {prev} to {v}"
+                    );
+                }
+                // Prometheus: a decrease is a reset, and the new value is the increase.
+                increase += if v >= prev { v - prev } else { *v };
+            }
+            last.insert(queryid.clone(), *v);
+        }
+        let members: std::collections::BTreeSet<String> = calls
+            .iter()
+            .map(|(q, _)| q.clone())
+            .filter(|q| q != "other")
+            .collect();
+        // pgvigil's own statements query (as another role) may hold one of the places.
+        assert!(members.len() <= 3, "poll {round}: top N = 3: {members:?}");
+        if members_before.as_ref().is_some_and(|b| *b != members) {
+            changes += 1;
+        }
+        members_before = Some(members);
+        // 1 s scrapes.
+        let next = started + Duration::from_secs(round as u64 + 1);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let real = truth() - start_truth;
+    println!(
+        "{changes} membership changes; increase over all series {increase}, SELECT sum(calls) grew by {real}"
+    );
+    assert!(changes >= 5, "only {changes} membership changes");
+    assert!(
+        (increase - real).abs() <= 0.02 * real,
+        "sum of per-series increases {increase} vs the real increase {real}"
+    );
 }
