@@ -249,16 +249,40 @@ async fn next_hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
     }
 }
 
-/// Polls every collector of every target once and returns the metrics text (0.0.4).
-pub async fn once(config: &Config) -> Result<String, StartError> {
+/// What `pgvigil once` found: the metrics text (0.0.4), and what did not work.
+pub struct OnceReport {
+    pub text: String,
+    /// One line per unreachable target or failed collector run.
+    pub problems: Vec<String>,
+}
+
+/// Polls every collector of every target once.
+pub async fn once(config: &Config) -> Result<OnceReport, StartError> {
     let catalog = Catalog::load(&config.collectors)?;
     let (store, pollers) = pollers(config, &catalog)?;
     for p in pollers {
         p.poll_all_once().await;
     }
-    Ok(exposition::encode(
-        store.snapshots(),
-        health::self_metrics(&store),
-        exposition::Format::Text,
-    ))
+    let mut problems = Vec::new();
+    for (name, health) in store.targets() {
+        if !health.up {
+            problems.push(format!("target {name}: unreachable (pg_up 0)"));
+        }
+        for (collector, c) in &health.collectors {
+            for (kind, n) in &c.errors {
+                problems.push(format!(
+                    "target {name}: collector {collector} failed ({}, {n}x)",
+                    kind.as_str()
+                ));
+            }
+        }
+    }
+    Ok(OnceReport {
+        text: exposition::encode(
+            store.snapshots(),
+            health::self_metrics(&store),
+            exposition::Format::Text,
+        ),
+        problems,
+    })
 }

@@ -47,10 +47,27 @@ fn main() -> ExitCode {
     init_logging(&cli.log_format);
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Failure::Error(e)) => {
             eprintln!("pgvigil: error: {e}");
             ExitCode::FAILURE
         }
+        Err(Failure::Partial(n)) => {
+            eprintln!("pgvigil: {n} problem(s) while polling; the metrics above are incomplete");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// How a command failed: exit 1 for an error that stopped it (config, start-up), exit 2
+/// when `once` printed metrics but a target was unreachable or a collector failed.
+enum Failure {
+    Error(String),
+    Partial(usize),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Failure {
+        Failure::Error(e)
     }
 }
 
@@ -117,7 +134,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-fn real_main(cli: Cli) -> Result<(), String> {
+fn real_main(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         None => {
             let config = load_config(cli.config.as_ref(), cli.listen)?;
@@ -130,7 +147,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
                     shutdown_signal(),
                     |_| {},
                 ))
-                .map_err(|e| e.to_string())
+                .map_err(|e| Failure::Error(e.to_string()))
         }
         Some(Command::CheckConfig { file }) => {
             let config = load_config(file.as_ref().or(cli.config.as_ref()), cli.listen)?;
@@ -144,15 +161,22 @@ fn real_main(cli: Cli) -> Result<(), String> {
         }
         Some(Command::Once) => {
             let config = load_config(cli.config.as_ref(), cli.listen)?;
-            let text = runtime()?
+            let report = runtime()?
                 .block_on(pgvigil::once(&config))
                 .map_err(|e| e.to_string())?;
-            print!("{text}");
-            Ok(())
+            print!("{}", report.text);
+            if report.problems.is_empty() {
+                Ok(())
+            } else {
+                for p in &report.problems {
+                    eprintln!("pgvigil: {p}");
+                }
+                Err(Failure::Partial(report.problems.len()))
+            }
         }
         Some(Command::Demo) => runtime()?
             .block_on(pgvigil::demo::run(cli.listen, shutdown_signal()))
-            .map_err(|e| e.to_string()),
+            .map_err(|e| Failure::Error(e.to_string())),
     }
 }
 

@@ -286,3 +286,40 @@ fn unreachable_target_is_retried_with_backoff_and_no_password_leaks() {
     );
     assert!(!log.contains("panicked"), "{ctx}");
 }
+
+/// `pgvigil once` exits 0 when every target answered and every collector ran, and 2 (after
+/// printing what it could) when a target is unreachable, naming it on stderr; 1 stays for
+/// errors that stop it before polling (a bad config).
+#[test]
+fn once_exit_code_says_whether_the_poll_was_complete() {
+    let port = free_port();
+    let out = pgvigil()
+        .arg("once")
+        .env(
+            "DATA_SOURCE_NAME",
+            format!("postgresql://u@127.0.0.1:{port}/db"),
+        )
+        .output()
+        .expect("run pgvigil once");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("pg_up{target=\"127.0.0.1:"), "{stdout}");
+    assert!(stderr.contains("unreachable"), "{stderr}");
+
+    let pg = common::cluster(&[]);
+    let out = pgvigil()
+        .arg("once")
+        .env("DATA_SOURCE_NAME", pg.dsn())
+        .output()
+        .expect("run pgvigil once");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(stdout.contains("pg_up{target="), "{stdout}");
+    assert!(stdout.contains("} 1\n"), "{stdout}");
+}

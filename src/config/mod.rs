@@ -415,9 +415,10 @@ fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig,
             Dsn(pg, tls)
         }
     };
+    // `host:port`, also for a Unix socket (`/var/run/postgresql:5432`).
     let name = {
-        let full = describe(&dsn.0);
-        full.split('/').next().unwrap_or("default").to_string()
+        let (host, port) = crate::postgres::dsn::server(&dsn.0);
+        format!("{host}:{port}")
     };
     Ok(TargetConfig {
         name,
@@ -563,5 +564,26 @@ mod tests {
         let t = c.resolve_targets(&env).unwrap();
         assert_eq!(t[0].pg.0.get_password(), Some(&b"secret"[..]));
         assert_eq!(t[0].labels[0], ("target".into(), "db:6432".into()));
+    }
+
+    #[test]
+    fn env_target_on_a_unix_socket_is_named_after_socket_and_port() {
+        for (key, value) in [
+            ("PGHOST", "/var/run/postgresql"),
+            (
+                "DATA_SOURCE_NAME",
+                "host=/var/run/postgresql port=5433 user=u",
+            ),
+        ] {
+            let env = |k: &str| (k == key).then(|| value.to_string());
+            let mut c = Config::default();
+            c.apply_env(&env).unwrap();
+            let want = if key == "PGHOST" {
+                "/var/run/postgresql:5432"
+            } else {
+                "/var/run/postgresql:5433"
+            };
+            assert_eq!(c.targets[0].name, want, "{key}={value}");
+        }
     }
 }
