@@ -182,9 +182,10 @@ impl Running {
         }
     }
 
-    /// Makes what runs match `config`: see the module docs. Everything that can fail
-    /// (passwords, tracing settings) is checked before anything changes, so an error
-    /// leaves the running configuration as it was.
+    /// Makes what runs match `config`: see the module docs. What can fail (passwords,
+    /// tracing settings) is checked before anything changes, so such an error leaves the
+    /// running configuration as it was; only an OTLP exporter that cannot be built is
+    /// found later, and reported after the rest is applied (that target runs untraced).
     pub async fn apply(
         &mut self,
         config: &Config,
@@ -200,6 +201,7 @@ impl Running {
             .map(|c| c.name.0.as_str())
             .collect();
         let mut summary = Summary::default();
+        let mut failed: Option<trace::TraceError> = None;
 
         let wanted: HashSet<&str> = targets.iter().map(|t| t.name.as_str()).collect();
         let gone: Vec<String> = self
@@ -275,11 +277,17 @@ impl Running {
                 }
                 if let (Some(plan), Some(key)) = (&tracing, key) {
                     let (stop, stop_rx) = watch::channel(false);
-                    let tracing = plan.start(&target, &self.store, stop_rx)?;
-                    running.sampler = Some(Sampler { key, stop, tracing });
+                    match plan.start(&target, &self.store, stop_rx) {
+                        Ok(tracing) => running.sampler = Some(Sampler { key, stop, tracing }),
+                        // The poller runs (and stays tracked); the error is reported below.
+                        Err(e) => failed = failed.or(Some(e)),
+                    }
                 }
             }
             self.targets.insert(target.name.clone(), running);
+        }
+        if let Some(e) = failed {
+            return Err(e.into());
         }
         if let Some(plan) = &tracing {
             if !self.started {
