@@ -118,17 +118,6 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     on_listen: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), StartError> {
-    run_with(config, reload, http::Limits::default(), shutdown, on_listen).await
-}
-
-/// [`run`] with the HTTP server's connection limits.
-pub async fn run_with(
-    config: Config,
-    reload: Option<Reload>,
-    limits: http::Limits,
-    shutdown: impl std::future::Future<Output = ()>,
-    on_listen: impl FnOnce(std::net::SocketAddr),
-) -> Result<(), StartError> {
     let catalog = Catalog::load(&config.collectors)?;
     for note in &catalog.notes {
         tracing::info!("{note}");
@@ -156,7 +145,7 @@ pub async fn run_with(
     let serving = tokio::spawn(http::serve_with(
         listener,
         Arc::clone(&server),
-        limits,
+        http::Limits::default(),
         http_stop_rx,
     ));
     let mut hup = hangups(reload.is_some());
