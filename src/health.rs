@@ -1,5 +1,5 @@
 //! pgvigil's own metrics (`pg_up`, `pgvigil_collector_*`, `pgvigil_spans_*`,
-//! `pgvigil_build_info`), built for each exposition from the health the store keeps.
+//! `pgvigil_config_last_reload_*`, `pgvigil_build_info`), built for each exposition from the health the store keeps.
 
 use std::sync::Arc;
 
@@ -84,12 +84,36 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
             });
         }
     }
+    let mut reload_ok = family(
+        "pgvigil_config_last_reload_successful",
+        "1 if the last configuration load (at start or on SIGHUP) was applied, 0 if it was rejected.",
+        MetricType::Gauge,
+    );
+    let mut reload_at = family(
+        "pgvigil_config_last_reload_success_timestamp_seconds",
+        "When a configuration was last applied (Unix time).",
+        MetricType::Gauge,
+    );
+    if let Some(r) = store.reload_health() {
+        reload_ok.samples.push(Sample {
+            labels: Vec::new(),
+            value: if r.successful { 1.0 } else { 0.0 },
+        });
+        if let Some(t) = r.last_success {
+            reload_at.samples.push(Sample {
+                labels: Vec::new(),
+                value: unix_seconds(t),
+            });
+        }
+    }
     let mut build = family("pgvigil_build_info", "pgvigil's version.", MetricType::Info);
     build.samples.push(Sample {
         labels: vec![(Arc::from("version"), env!("CARGO_PKG_VERSION").to_string())],
         value: 1.0,
     });
-    vec![up, duration, errors, success, exported, dropped, build]
+    vec![
+        up, duration, errors, success, exported, dropped, reload_ok, reload_at, build,
+    ]
 }
 
 fn family(name: &str, help: &str, kind: MetricType) -> Family {

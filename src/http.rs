@@ -1,10 +1,19 @@
 //! The HTTP server: `/metrics`, `/healthz`, `/readyz`. The `/metrics` handler only encodes
 //! what the store holds; it never touches PostgreSQL, so scrape load never reaches the
 //! database. An encoded body is reused until the store changes.
+//!
+//! The listener holds up against clients that connect and never finish a request: a
+//! connection must deliver its request headers within a deadline, lives at most a bounded
+//! time, and the number of open connections is capped (see [`Limits`]); when the cap is
+//! reached, a new connection takes the place of the oldest one that has not sent a request
+//! yet, so a scrape still gets through while junk connections pile up.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -12,45 +21,37 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::exposition::{self, Format};
 use crate::store::Store;
 
-/// Which store contents a cached body was encoded from: (store identity, generation).
-type Version = (usize, u64);
-
 /// State shared by all connections.
 pub struct Server {
-    /// Replaced on a config reload; a short-held lock, never across an `.await`.
-    store: std::sync::RwLock<Arc<Store>>,
-    /// Last encoded body per format, with the store (identity, generation) it was made from.
-    cache: Mutex<Vec<(Format, Version, Bytes)>>,
+    /// The process's one store (a reload changes what writes into it, not the store).
+    store: Arc<Store>,
+    /// Last encoded body per format, with the store generation it was made from.
+    cache: Mutex<Vec<(Format, u64, Bytes)>>,
 }
 
 impl Server {
     pub fn new(store: Arc<Store>) -> Arc<Server> {
         Arc::new(Server {
-            store: std::sync::RwLock::new(store),
+            store,
             cache: Mutex::new(Vec::new()),
         })
     }
 
-    /// Serves from `store` from now on (after a config reload).
-    pub fn set_store(&self, store: Arc<Store>) {
-        *self.store.write().unwrap_or_else(|e| e.into_inner()) = store;
-    }
-
-    fn store(&self) -> Arc<Store> {
-        Arc::clone(&self.store.read().unwrap_or_else(|e| e.into_inner()))
+    fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The `/metrics` body in `format`, from cache when the store has not changed.
     pub fn metrics(&self, format: Format) -> Bytes {
         let store = self.store();
-        let generation = (Arc::as_ptr(&store) as usize, store.generation());
+        let generation = store.generation();
         {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((_, _, body)) = cache
@@ -61,7 +62,7 @@ impl Server {
             }
         }
         let snapshots = store.snapshots();
-        let extra = crate::health::self_metrics(&store);
+        let extra = crate::health::self_metrics(store);
         let body = Bytes::from(exposition::encode(snapshots, extra, format));
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.retain(|(f, _, _)| *f != format);
@@ -127,33 +128,171 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// How the listener bounds its connections. The defaults suit a Prometheus scraping every
+/// few seconds or more, from a handful of servers.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A connection must deliver a request's headers this soon after it opens or after its
+    /// previous response (hyper times the wait for the next request from the end of the
+    /// last response), so this is also how long an idle keep-alive connection stays open.
+    /// Default 5 s: a scraper sends its headers at once; a client that stalls is closed.
+    pub header_read_timeout: Duration,
+    /// A connection is closed after this long, gracefully (after the response in
+    /// flight) and, if that takes more than [`Limits::close_grace`], at once. Default 5 min.
+    pub max_connection_age: Duration,
+    /// How long a connection past its age may take to finish its response. Default 10 s.
+    pub close_grace: Duration,
+    /// Open connections at most. Over it, a new connection replaces the oldest one that
+    /// has not sent a complete request yet; if every open connection has, the new one is
+    /// closed at once. Default 512 (raise `ulimit -n` above this; pgvigil raises its soft
+    /// limit to the hard one at start).
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(5),
+            max_connection_age: Duration::from_secs(300),
+            close_grace: Duration::from_secs(10),
+            max_connections: 512,
+        }
+    }
+}
+
+/// The open connections, oldest first, so a new one can displace a connection that has
+/// not sent a request. A std mutex: held only to insert, remove or pick, never across an
+/// `.await`.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: BTreeMap<u64, Open>,
+}
+
+/// One open connection, as [`Connections`] sees it.
+struct Open {
+    /// True until the connection's first request headers are read.
+    fresh: Arc<AtomicBool>,
+    /// Closes the connection when sent (or dropped).
+    evict: oneshot::Sender<()>,
+}
+
+impl Connections {
+    /// Makes room for a new connection under `max`: evicts the oldest fresh one when full.
+    /// `false` when full of connections that all made a request (the new one is refused).
+    fn admit(&mut self, max: usize) -> bool {
+        if self.open.len() < max {
+            return true;
+        }
+        let oldest_fresh = self
+            .open
+            .iter()
+            .find(|(_, c)| c.fresh.load(Ordering::Relaxed))
+            .map(|(id, _)| *id);
+        match oldest_fresh.and_then(|id| self.open.remove(&id)) {
+            Some(c) => {
+                let _ = c.evict.send(());
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes a connection from the table when its task ends, however it ends.
+struct Registered {
+    table: Arc<Mutex<Connections>>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.open.remove(&self.id);
+    }
+}
+
+/// Serves until `shutdown` turns true, with the default [`Limits`].
+pub async fn serve(listener: TcpListener, server: Arc<Server>, shutdown: watch::Receiver<bool>) {
+    serve_with(listener, server, Limits::default(), shutdown).await
+}
+
 /// Serves until `shutdown` turns true.
-pub async fn serve(
+pub async fn serve_with(
     listener: TcpListener,
     server: Arc<Server>,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let table = Arc::new(Mutex::new(Connections::default()));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let mut refused_logged: Option<Instant> = None;
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
                     tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.changed() => return,
         };
+        let (fresh, evicted, registered) = {
+            let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
+            if !t.admit(limits.max_connections) {
+                drop(t);
+                drop(stream);
+                if refused_logged.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
+                    tracing::warn!(
+                        "{} connections open, all busy with requests; refusing new connections",
+                        limits.max_connections
+                    );
+                    refused_logged = Some(Instant::now());
+                }
+                continue;
+            }
+            let id = t.next_id;
+            t.next_id += 1;
+            let fresh = Arc::new(AtomicBool::new(true));
+            let (evict, evicted) = oneshot::channel();
+            t.open.insert(
+                id,
+                Open {
+                    fresh: Arc::clone(&fresh),
+                    evict,
+                },
+            );
+            let registered = Registered {
+                table: Arc::clone(&table),
+                id,
+            };
+            (fresh, evicted, registered)
+        };
         let server = Arc::clone(&server);
+        let builder = builder.clone();
         tokio::spawn(async move {
+            let _registered = registered;
             let svc = service_fn(move |req: Request<Incoming>| {
+                fresh.store(false, Ordering::Relaxed);
                 let resp = server.handle(&req);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                // Displaced by a newer connection, or the table is gone: drop the socket.
+                _ = evicted => return,
+                _ = tokio::time::sleep(limits.max_connection_age) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(limits.close_grace, conn).await;
         });
     }
 }

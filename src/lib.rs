@@ -21,10 +21,14 @@
 //! - [`postgres`]: DSNs and TLS, sessions (`postgres::slot`: pgvigil's session settings,
 //!   one query at a time with its own timeouts, reconnect with backoff — for collectors and
 //!   the activity sampler alike), server facts, row values → numbers and labels.
-//! - [`store`]: the latest snapshot per target × collector × database, and target health.
+//! - [`reload`]: what runs per target (poller, activity sampler) and what a `SIGHUP`
+//!   changes: unchanged targets keep running, changed ones are replaced in place.
+//! - [`store`]: the latest snapshot per target × collector × database, and target health;
+//!   one store for the life of the process.
 //! - [`health`]: pgvigil's own metrics, built from that health at each exposition.
 //! - [`exposition`]: snapshots → Prometheus text 0.0.4 or OpenMetrics.
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz`; never queries PostgreSQL.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`; never queries PostgreSQL; bounds slow
+//!   and idle connections and their number.
 //! - [`trace`]: the activity sampler, traceparent parsing, slow-query spans, OTLP export.
 //! - [`metric`]: the metric model every stage passes on (type, family, sample).
 //! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
@@ -40,6 +44,7 @@ pub mod health;
 pub mod http;
 pub mod metric;
 pub mod postgres;
+pub mod reload;
 pub mod sql;
 pub mod store;
 pub mod trace;
@@ -75,19 +80,6 @@ pub fn process_env(key: &str) -> Option<String> {
     std::env::var(key).ok().filter(|v| !v.is_empty())
 }
 
-/// Loads the packs and starts a poller per target; returns the store they fill.
-pub fn start_pollers(
-    config: &Config,
-    catalog: &Catalog,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(Arc<Store>, Vec<Arc<TargetPoller>>), StartError> {
-    let (store, pollers) = pollers(config, catalog)?;
-    for p in &pollers {
-        p.spawn(shutdown.clone());
-    }
-    Ok((store, pollers))
-}
-
 /// A poller per target, all writing into one new store; nothing started yet.
 pub fn pollers(
     config: &Config,
@@ -111,49 +103,15 @@ pub fn pollers(
     Ok((store, pollers))
 }
 
-/// One configuration's running parts: pollers and samplers writing into one store.
-/// A reload starts a new generation and then stops the old one.
-struct Generation {
-    store: Arc<Store>,
-    stop: watch::Sender<bool>,
-    tracing: Option<trace::Tracing>,
-}
-
-impl Generation {
-    fn start(config: &Config, catalog: &Catalog) -> Result<Generation, StartError> {
-        let (stop, stop_rx) = watch::channel(false);
-        let (store, _pollers) = start_pollers(config, catalog, stop_rx.clone())?;
-        let targets = config.resolve_targets(&process_env)?;
-        let tracing = trace::start(
-            &config.tracing,
-            &config.collectors.defaults,
-            &targets,
-            &store,
-            stop_rx,
-            &process_env,
-        )?;
-        Ok(Generation {
-            store,
-            stop,
-            tracing,
-        })
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        if let Some(t) = self.tracing {
-            t.finish(std::time::Duration::from_secs(15)).await;
-        }
-    }
-}
-
 /// Reads the configuration again (for `SIGHUP`): file, environment and CLI overrides.
 pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send>;
 
 /// Runs pgvigil until `shutdown` resolves: pollers in the background, HTTP in front.
 /// `on_listen` is told the bound address (useful with port 0). With `reload`, `SIGHUP`
-/// re-reads the configuration: a valid one replaces the running targets and collectors
-/// (the listen address needs a restart); an invalid one is logged and ignored.
+/// re-reads the configuration: a valid one is applied target by target (see [`reload`]:
+/// unchanged targets keep running untouched; the listen address needs a restart); an
+/// invalid one is logged and ignored. Either way `pgvigil_config_last_reload_successful`
+/// says which.
 pub async fn run(
     config: Config,
     reload: Option<Reload>,
@@ -171,7 +129,10 @@ pub async fn run(
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(config.listen);
-    let mut current = Generation::start(&config, &catalog)?;
+    let store = Store::new();
+    let mut running = reload::Running::new(Arc::clone(&store));
+    running.apply(&config, &catalog).await?;
+    store.record_reload(true, std::time::SystemTime::now());
     tracing::info!(
         "pgvigil {} listening on http://{addr}/metrics ({} targets, {} collectors)",
         env!("CARGO_PKG_VERSION"),
@@ -179,9 +140,14 @@ pub async fn run(
         catalog.collectors.len()
     );
     on_listen(addr);
-    let server = http::Server::new(Arc::clone(&current.store));
+    let server = http::Server::new(Arc::clone(&store));
     let (http_stop, http_stop_rx) = watch::channel(false);
-    let serving = tokio::spawn(http::serve(listener, Arc::clone(&server), http_stop_rx));
+    let serving = tokio::spawn(http::serve_with(
+        listener,
+        Arc::clone(&server),
+        http::Limits::default(),
+        http_stop_rx,
+    ));
     let mut hup = hangups(reload.is_some());
     tokio::pin!(shutdown);
     loop {
@@ -189,14 +155,19 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = next_hangup(&mut hup) => {
                 let Some(reload) = &reload else { continue };
-                match reload_generation(reload, config.listen) {
-                    Ok(next) => {
-                        server.set_store(Arc::clone(&next.store));
-                        let old = std::mem::replace(&mut current, next);
-                        old.stop().await;
-                        tracing::info!("configuration reloaded");
+                let applied = match reread(reload, config.listen) {
+                    Ok((next, catalog)) => running.apply(&next, &catalog).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                match applied {
+                    Ok(summary) => {
+                        store.record_reload(true, std::time::SystemTime::now());
+                        tracing::info!("configuration reloaded: {summary}");
                     }
-                    Err(e) => tracing::error!("configuration reload rejected, the running configuration stays: {e}"),
+                    Err(e) => {
+                        store.record_reload(false, std::time::SystemTime::now());
+                        tracing::error!("configuration reload rejected, the running configuration stays: {e}");
+                    }
                 }
             }
         }
@@ -204,11 +175,12 @@ pub async fn run(
     tracing::info!("shutting down");
     let _ = http_stop.send(true);
     let _ = serving.await;
-    current.stop().await;
+    running.stop().await;
     Ok(())
 }
 
-fn reload_generation(reload: &Reload, listen: std::net::SocketAddr) -> Result<Generation, String> {
+/// The configuration and packs as they are now on disk, checked; nothing applied yet.
+fn reread(reload: &Reload, listen: std::net::SocketAddr) -> Result<(Config, Catalog), String> {
     let config = reload()?;
     if config.listen != listen {
         tracing::warn!(
@@ -217,10 +189,10 @@ fn reload_generation(reload: &Reload, listen: std::net::SocketAddr) -> Result<Ge
         );
     }
     let catalog = Catalog::load(&config.collectors).map_err(|e| e.to_string())?;
-    config
-        .resolve_targets(&process_env)
-        .map_err(|e| e.to_string())?;
-    Generation::start(&config, &catalog).map_err(|e| e.to_string())
+    for note in &catalog.notes {
+        tracing::info!("{note}");
+    }
+    Ok((config, catalog))
 }
 
 /// A stream of `SIGHUP`s; `None` when reloading is off or the signal is unavailable.

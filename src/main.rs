@@ -45,6 +45,7 @@ fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
     init_logging(&cli.log_format);
+    raise_open_file_limit();
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Error(e)) => {
@@ -92,6 +93,47 @@ fn limit_malloc_arenas() {
         tune("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 1);
         tune("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 64 * 1024);
         tune("MALLOC_TRIM_THRESHOLD_", libc::M_TRIM_THRESHOLD, 64 * 1024);
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit. The soft default (often 1,024)
+/// is what a burst of client connections exhausts first; the HTTP server caps its own
+/// connections (512 by default), and sessions to PostgreSQL need descriptors too.
+fn raise_open_file_limit() {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            tracing::debug!(
+                "cannot read the open files limit: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        if lim.rlim_cur >= lim.rlim_max {
+            tracing::debug!("open files limit: {}", lim.rlim_cur);
+            return;
+        }
+        let before = lim.rlim_cur;
+        // An unlimited hard limit cannot be the soft one (Linux caps it at fs.nr_open).
+        lim.rlim_cur = if lim.rlim_max == libc::RLIM_INFINITY {
+            1 << 20
+        } else {
+            lim.rlim_max
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            tracing::info!("open files limit raised from {before} to {}", lim.rlim_cur);
+        } else {
+            tracing::warn!(
+                "cannot raise the open files limit from {before}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 

@@ -47,7 +47,18 @@ pub struct SpanCounts {
     pub dropped: BTreeMap<&'static str, u64>,
 }
 
-/// Shared between pollers (writers) and the HTTP server (reader).
+/// The outcome of the last configuration load (at start or on `SIGHUP`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReloadHealth {
+    /// The last attempt was applied (false: rejected, the previous config still runs).
+    pub successful: bool,
+    /// When a configuration was last applied.
+    pub last_success: Option<SystemTime>,
+}
+
+/// Shared between pollers (writers) and the HTTP server (reader). One store lives as long
+/// as the process: a reload changes which pollers write into it, never the store itself,
+/// so what an unchanged target has produced (and its counters) outlives a reload.
 #[derive(Debug, Default)]
 pub struct Store {
     /// Replaced whole per key, so a reader sees one poll's result or the next, never a mix.
@@ -56,6 +67,8 @@ pub struct Store {
     targets: Mutex<BTreeMap<String, TargetHealth>>,
     /// Bumped on every change, so the HTTP layer can reuse an encoded body.
     generation: AtomicU64,
+    /// `None` until a configuration was loaded (e.g. never in `pgvigil once`).
+    reload: Mutex<Option<ReloadHealth>>,
 }
 
 impl Store {
@@ -71,18 +84,53 @@ impl Store {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Registers a target before its first poll (so `/readyz` waits for it).
+    /// Registers a target before its first poll (so `/readyz` waits for it). A target
+    /// registered again (its poller replaced on a reload) only gets the new labels: it
+    /// keeps its readiness, `pg_up` and counters, as its old snapshots keep being served
+    /// until the new poller overwrites them.
     pub fn add_target(&self, name: &str, labels: Vec<(Arc<str>, String)>) {
         let mut t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
-        t.insert(
-            name.to_string(),
-            TargetHealth {
-                labels,
-                ..TargetHealth::default()
-            },
-        );
+        t.entry(name.to_string()).or_default().labels = labels;
         drop(t);
         self.bump();
+    }
+
+    /// Forgets a target: its snapshots and its health (a target removed on reload).
+    pub fn remove_target(&self, name: &str) {
+        let mut s = self.snapshots.write().unwrap_or_else(|e| e.into_inner());
+        s.retain(|(t, _, _), _| t != name);
+        drop(s);
+        let mut t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        t.remove(name);
+        drop(t);
+        self.bump();
+    }
+
+    /// Forgets the snapshots and health of a target's collectors not in `keep` (collectors
+    /// a reload took away from it; the others are overwritten by their next poll).
+    pub fn retain_collectors(&self, target: &str, keep: &[&str]) {
+        let mut s = self.snapshots.write().unwrap_or_else(|e| e.into_inner());
+        s.retain(|(t, c, _), _| t != target || keep.contains(&c.as_str()));
+        drop(s);
+        self.update_target(target, |h| {
+            h.collectors.retain(|c, _| keep.contains(&c.as_str()))
+        });
+    }
+
+    /// Records a configuration load: `ok` false when a reload was rejected.
+    pub fn record_reload(&self, ok: bool, at: SystemTime) {
+        let mut r = self.reload.lock().unwrap_or_else(|e| e.into_inner());
+        let last = r.and_then(|r| r.last_success);
+        *r = Some(ReloadHealth {
+            successful: ok,
+            last_success: if ok { Some(at) } else { last },
+        });
+        drop(r);
+        self.bump();
+    }
+
+    pub fn reload_health(&self) -> Option<ReloadHealth> {
+        *self.reload.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn put(&self, key: Key, snapshot: Snapshot) {

@@ -1,12 +1,14 @@
 //! The HTTP server over a real socket on 127.0.0.1:0, against a store filled by hand: no
 //! PostgreSQL, no pollers. `/readyz` waits for every target, `/metrics` speaks text 0.0.4
-//! by default and OpenMetrics when asked, and anything else gets a plain error.
+//! by default and OpenMetrics when asked, and anything else gets a plain error; thousands of
+//! connections that never finish a request neither block scrapes nor stay open.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use pgvigil::http::Server;
+use pgvigil::http::{Limits, Server};
 use pgvigil::metric::{Family, MetricType, Sample};
 use pgvigil::store::{Snapshot, Store};
 use reqwest::blocking::{Client, Response};
@@ -26,6 +28,10 @@ struct TestServer {
 
 impl TestServer {
     fn start(server: Arc<Server>) -> TestServer {
+        TestServer::start_with(server, Limits::default())
+    }
+
+    fn start_with(server: Arc<Server>, limits: Limits) -> TestServer {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let thread = std::thread::spawn(move || {
@@ -37,7 +43,7 @@ impl TestServer {
                 let addr = SocketAddr::from(([127, 0, 0, 1], 0));
                 let listener = pgvigil::http::bind(addr).await.expect("bind 127.0.0.1:0");
                 let _ = addr_tx.send(listener.local_addr().expect("local address"));
-                pgvigil::http::serve(listener, server, stop_rx).await;
+                pgvigil::http::serve_with(listener, server, limits, stop_rx).await;
             });
         });
         let addr = addr_rx
@@ -227,7 +233,7 @@ fn metrics_are_openmetrics_when_the_client_asks() {
 }
 
 #[test]
-fn metrics_follow_the_store_and_a_swapped_store() {
+fn metrics_follow_the_store() {
     let store = polled_store();
     let server = Server::new(Arc::clone(&store));
     let http = TestServer::start(Arc::clone(&server));
@@ -242,11 +248,6 @@ fn metrics_follow_the_store_and_a_swapped_store() {
     // A cached body must not outlive the poll it was encoded from.
     store.put(key(), snapshot(7.0));
     assert_eq!(active(&http), "7");
-    // A reload hands the server a new store.
-    let next = Store::new();
-    next.put(key(), snapshot(11.0));
-    server.set_store(next);
-    assert_eq!(active(&http), "11");
 }
 
 #[test]
@@ -276,4 +277,111 @@ fn healthz_head_and_errors() {
         assert!(resp.headers().get("allow").is_none(), "{method}");
         assert_eq!(resp.text().unwrap(), "only GET is supported\n", "{method}");
     }
+}
+
+/// Raises this process's soft open-files limit to the hard one (the test holds both ends
+/// of every connection), as pgvigil does for itself at start.
+fn raise_open_files() -> libc::rlim_t {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max.min(1 << 20);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+/// 3,000 connections that send half a request (no final CRLF) and then nothing: scrapes
+/// during the attack still answer within a second, and the server closes every one of
+/// the half connections within the header read timeout (plus a margin).
+#[test]
+fn half_requests_neither_block_scrapes_nor_stay_open() {
+    const HALF: usize = 3_000;
+    let limit = raise_open_files();
+    assert!(
+        limit > 2 * HALF as libc::rlim_t + 200,
+        "open files limit {limit} too low for this test"
+    );
+    let header_timeout = Duration::from_secs(2);
+    let limits = Limits {
+        header_read_timeout: header_timeout,
+        ..Limits::default()
+    };
+    let http = TestServer::start_with(Server::new(polled_store()), limits);
+
+    let attack = Instant::now();
+    let mut half: Vec<TcpStream> = Vec::with_capacity(HALF);
+    for i in 0..HALF {
+        let mut c = TcpStream::connect(http.addr).unwrap_or_else(|e| panic!("connect {i}: {e}"));
+        // The server may already have closed it (displaced by a newer one): fine.
+        let _ = c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+        half.push(c);
+    }
+    let opened = attack.elapsed();
+    eprintln!("{HALF} half connections opened in {opened:?}");
+
+    for i in 0..5 {
+        let started = Instant::now();
+        let resp = http.get("/metrics");
+        let took = started.elapsed();
+        assert_eq!(resp.status(), StatusCode::OK, "scrape {i}");
+        assert!(resp.text().unwrap().contains("pg_up{target=\"t1\"} 1"));
+        assert!(
+            took < Duration::from_secs(1),
+            "scrape {i} during the attack took {took:?}"
+        );
+        eprintln!("scrape {i} during the attack: {took:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Every half connection reads EOF or a reset by the deadline.
+    let deadline = attack + opened + header_timeout + Duration::from_secs(3);
+    let mut buf = [0u8; 256];
+    for (i, c) in half.iter_mut().enumerate() {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "half connection {i} still open {:?} after the attack began",
+                attack.elapsed()
+            );
+            c.set_read_timeout(Some(left)).unwrap();
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                // A 408 or similar before the close is fine; keep reading to the close.
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    break
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!(
+                        "half connection {i} still open {:?} after the attack began",
+                        attack.elapsed()
+                    )
+                }
+                Err(e) => panic!("half connection {i}: {e}"),
+            }
+        }
+    }
+    eprintln!(
+        "all {HALF} half connections closed {:?} after the attack began",
+        attack.elapsed()
+    );
+    // And the server still answers afterwards.
+    assert_eq!(http.get("/metrics").status(), StatusCode::OK);
 }

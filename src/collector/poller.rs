@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::collector::pack::{CollectorDef, Scope};
 use crate::collector::steps::{CollectorState, Context};
@@ -78,15 +79,35 @@ impl TargetPoller {
         dsn::database(&self.target.pg.0).to_string()
     }
 
-    /// Starts the background tasks; they stop when `shutdown` turns true.
-    pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) {
+    /// Starts the background tasks; they stop when `shutdown` turns true (between polls).
+    /// The handles let a reload abort a poll in flight, so a replaced poller never writes
+    /// into the store after its successor started.
+    pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::with_capacity(self.collectors.len() + 1);
         for idx in 0..self.collectors.len() {
             let me = Arc::clone(self);
             let stop = shutdown.clone();
-            tokio::spawn(async move { me.collector_loop(idx, stop).await });
+            tasks.push(tokio::spawn(
+                async move { me.collector_loop(idx, stop).await },
+            ));
         }
         let me = Arc::clone(self);
-        tokio::spawn(async move { me.heartbeat(shutdown).await });
+        tasks.push(tokio::spawn(async move { me.heartbeat(shutdown).await }));
+        tasks
+    }
+
+    /// Takes over `old`'s state between polls (accumulated counters, the statements window
+    /// and top-N, index-build trackers) for the collectors in `keep`, so a poller that
+    /// replaces `old` on a reload continues their series instead of restarting them.
+    /// Call before [`TargetPoller::spawn`].
+    pub fn inherit_states(&self, old: &TargetPoller, keep: &HashSet<String>) {
+        let mut from = old.states.lock().unwrap_or_else(|e| e.into_inner());
+        let mut to = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        for ((collector, db), state) in from.drain() {
+            if keep.contains(&collector) {
+                to.insert((collector, db), state);
+            }
+        }
     }
 
     /// Keeps `pg_up` current even when every collector has a long interval: makes sure the

@@ -75,16 +75,23 @@ pub fn endpoint(
     }))
 }
 
-/// Starts a sampler and an exporter per target, or nothing when tracing is off.
+/// Tracing as configured: where spans go, under which service name, how activity is
+/// sampled. [`Plan::start`] starts one target's sampler and exporter, so a reload can
+/// keep the samplers of unchanged targets running.
+pub struct Plan {
+    endpoint: export::Endpoint,
+    service: String,
+    cfg: TracingConfig,
+    collectors: CollectorDefaults,
+}
+
+/// The tracing plan, or `None` when tracing is off.
 /// `collectors` bounds the sampler's query like a collector's (see [`sample_timeout`]).
-pub fn start(
+pub fn plan(
     cfg: &TracingConfig,
     collectors: &CollectorDefaults,
-    targets: &[Target],
-    store: &Arc<Store>,
-    shutdown: watch::Receiver<bool>,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<Tracing>, TraceError> {
+) -> Result<Option<Plan>, TraceError> {
     let Some(endpoint) = endpoint(cfg, env)? else {
         return Ok(None);
     };
@@ -93,11 +100,39 @@ pub fn start(
         .clone()
         .or_else(|| env("OTEL_SERVICE_NAME"))
         .unwrap_or_else(|| "pgvigil".to_string());
-    let mut handles = Vec::new();
-    for t in targets {
+    Ok(Some(Plan {
+        endpoint,
+        service,
+        cfg: cfg.clone(),
+        collectors: *collectors,
+    }))
+}
+
+impl Plan {
+    /// What this plan does, for the log.
+    pub fn describe(&self) -> String {
+        format!(
+            "tracing: slow-query spans (>= {}) to {} over {:?}",
+            self.cfg.slow_query_threshold,
+            self.endpoint
+                .url
+                .as_deref()
+                .unwrap_or("the OTEL_EXPORTER_OTLP_* endpoint"),
+            self.endpoint.protocol
+        )
+    }
+
+    /// Starts a sampler and an exporter for `t`; they stop when `shutdown` turns true.
+    pub fn start(
+        &self,
+        t: &Target,
+        store: &Arc<Store>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Tracing, TraceError> {
+        let cfg = &self.cfg;
         // Resource::builder() applies OTEL_RESOURCE_ATTRIBUTES; the target is added.
         let resource = Resource::builder()
-            .with_service_name(service.clone())
+            .with_service_name(self.service.clone())
             .with_attributes(
                 std::iter::once(KeyValue::new("pgvigil.target", t.name.clone())).chain(
                     t.labels
@@ -107,35 +142,27 @@ pub fn start(
                 ),
             )
             .build();
-        let exporter = export::build_exporter(&endpoint, &resource).map_err(TraceError)?;
+        let exporter = export::build_exporter(&self.endpoint, &resource).map_err(TraceError)?;
         let (queue, drain) =
             export::start(exporter, cfg.queue_size, Arc::clone(store), t.name.clone());
-        handles.push(drain);
         let every = cfg.sample_interval.0;
         let (address, port) = dsn::server(&t.pg.0);
         let sampler = Sampler {
             target: t.clone(),
             slot: Slot::new(t.pg.clone(), every.max(Duration::from_secs(5)))
                 .log_as(&t.name, Some("activity sampler")),
-            timeout: sample_timeout(every, collectors.timeout.0),
-            lock_timeout: collectors.lock_timeout.0,
+            timeout: sample_timeout(every, self.collectors.timeout.0),
+            lock_timeout: self.collectors.lock_timeout.0,
             threshold: cfg.slow_query_threshold.0.as_secs_f64(),
             every,
             queue,
             server: span::Server { address, port },
         };
-        handles.push(tokio::spawn(sampler.run(shutdown.clone())));
+        let sampling = tokio::spawn(sampler.run(shutdown));
+        Ok(Tracing {
+            handles: vec![drain, sampling],
+        })
     }
-    tracing::info!(
-        "tracing: slow-query spans (>= {}) to {} over {:?}",
-        cfg.slow_query_threshold,
-        endpoint
-            .url
-            .as_deref()
-            .unwrap_or("the OTEL_EXPORTER_OTLP_* endpoint"),
-        endpoint.protocol
-    );
-    Ok(Some(Tracing { handles }))
 }
 
 /// The `statement_timeout` of the sampler's `pg_stat_activity` read: the sample interval,
