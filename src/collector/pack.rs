@@ -372,7 +372,10 @@ pub struct NameRule {
 
 impl NameRule {
     /// The exported name for a row's `text`: prefix + sanitized text + suffix; `None` for "".
-    pub fn name_for(&self, text: &str) -> Option<String> {
+    /// A name ending in a suffix Prometheus reserves for another type (`_count`, `_sum`,
+    /// `_bucket`, `_created`; `_total` on a non-counter) gets `_value` appended, so
+    /// `promtool check metrics` stays clean (`pg_settings_tcp_keepalives_count_value`).
+    pub fn name_for(&self, text: &str, kind: MetricType) -> Option<String> {
         if text.is_empty() {
             return None;
         }
@@ -386,7 +389,12 @@ impl NameRule {
                 }
             })
             .collect();
-        Some(format!("{}{middle}{}", self.prefix, self.suffix))
+        let name = format!("{}{middle}{}", self.prefix, self.suffix);
+        let reserved = ["_count", "_sum", "_bucket", "_created"]
+            .iter()
+            .any(|s| name.ends_with(s))
+            || (kind != MetricType::Counter && name.ends_with("_total"));
+        Some(if reserved { name + "_value" } else { name })
     }
 
     /// How the plan shows the rule: `pg_settings_<metric>`.

@@ -98,7 +98,7 @@ fn rule_groups<T: Rows + ?Sized>(
         let text = rows
             .label(row, name_idx)
             .map_err(|e| decode(format!("metric {}: name column: {e}", m.name)))?;
-        let Some(name) = rule.name_for(&text) else {
+        let Some(name) = rule.name_for(&text, m.kind) else {
             continue;
         };
         if name == "pg_up" || name.starts_with("pgvigil_") || declared.contains(&name.as_str()) {
@@ -280,6 +280,12 @@ mod tests {
                 ("v", Some(4.0), ""),
                 ("f", None, ""),
             ]),
+            Fake(vec![
+                ("n", None, "x_count"),
+                ("d", None, ""),
+                ("v", Some(5.0), ""),
+                ("f", None, ""),
+            ]),
         ];
         let f = to_families(&def, &rows, &base(), "").unwrap();
         let got: Vec<(&str, &str, usize)> = f
@@ -295,6 +301,8 @@ mod tests {
                 // s_fixed is declared: skipped; "" gives no name; NULL value: no sample
                 ("s_c", "generic", 0),
                 ("s__", "generic", 1),
+                // a suffix promtool reserves for summaries and histograms
+                ("s_x_count_value", "generic", 1),
             ]
         );
     }
