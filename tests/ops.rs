@@ -370,3 +370,112 @@ fn a_role_without_pg_monitor_skips_what_it_may_not_read_without_errors() {
         None
     );
 }
+
+/// Two clones of one standby (the same `application_name`) streaming from a primary: the
+/// primary tells them apart by client port; a standby target reports itself in recovery,
+/// streaming, with nothing waiting to be replayed; a slot shows what it retains.
+#[test]
+fn standbys_are_told_apart_and_an_idle_standby_has_no_replay_delay() {
+    let primary = cluster(&[]);
+    primary
+        .psql(
+            "postgres",
+            "SELECT pg_create_physical_replication_slot('kept', true)",
+        )
+        .unwrap();
+    let a = primary.start_standby("replica").expect("first standby");
+    let b = primary.start_standby("replica").expect("second standby");
+    let on_primary = ManualPoller::new(&config(&one_target(&primary.dsn(), "")));
+    let s = poll_until(
+        &on_primary,
+        Duration::from_secs(30),
+        "two streaming standbys",
+        |s| {
+            let streaming = find(
+                s,
+                "pg_replication_standby_info",
+                &[("application_name", "replica"), ("state", "streaming")],
+            );
+            (streaming.len() == 2).then(|| s.to_vec())
+        },
+    );
+    assert_all_ran(&s, "primary");
+    let standbys = find(
+        &s,
+        "pg_replication_standby_info",
+        &[("application_name", "replica")],
+    );
+    assert_ne!(
+        standbys[0].labels["client_port"],
+        standbys[1].labels["client_port"]
+    );
+    for stage in ["sent", "write", "flush", "replay"] {
+        let lags = find(&s, "pg_replication_standby_lag_bytes", &[("stage", stage)]);
+        assert_eq!(lags.len(), 2, "{stage}");
+    }
+    // Caught up: 0, not absent.
+    let seconds = find(&s, "pg_replication_standby_lag_seconds", &[]);
+    assert_eq!(seconds.len(), 6, "write, flush and replay per standby");
+    assert!(seconds.iter().all(|x| x.value >= 0.0));
+    assert_eq!(
+        value(&s, "pg_replication_slot_active", &[("slot_name", "kept")]),
+        Some(0.0)
+    );
+    assert!(
+        value(
+            &s,
+            "pg_replication_slot_retained_bytes",
+            &[("slot_name", "kept")]
+        )
+        .unwrap()
+            >= 0.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "pg_replication_slot_wal_status_info",
+            &[("slot_name", "kept"), ("wal_status", "reserved")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&s, "pg_replication_slot_safe_wal_size_bytes", &[]),
+        None,
+        "max_slot_wal_keep_size is -1"
+    );
+
+    // A write on the primary, then idle: the standby replays it and waits.
+    primary
+        .psql("postgres", "CREATE TABLE r AS SELECT 1 AS x")
+        .unwrap();
+    let on_standby = ManualPoller::new(&config(&one_target(&a.dsn(), "")));
+    let s = poll_until(
+        &on_standby,
+        Duration::from_secs(30),
+        "the standby to catch up",
+        |s| {
+            (value(s, "pg_replication_replay_delay_seconds", &[])? == 0.0
+                && value(s, "pg_replication_receive_replay_lag_bytes", &[])? == 0.0)
+                .then(|| s.to_vec())
+        },
+    );
+    assert_all_ran(&s, "standby");
+    assert_eq!(value(&s, "pg_in_recovery", &[]), Some(1.0));
+    assert_eq!(value(&s, "pg_replication_replay_paused", &[]), Some(0.0));
+    assert_eq!(
+        value(&s, "pg_replication_wal_receiver_streaming", &[]),
+        Some(1.0)
+    );
+    let heard = value(
+        &s,
+        "pg_replication_wal_receiver_last_message_timestamp_seconds",
+        &[],
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - heard).abs() < 60.0, "{heard} vs {now}");
+    drop(b);
+}
