@@ -841,6 +841,43 @@ mod tests {
     }
 
     #[test]
+    fn name_from_rules_are_checked_at_load() {
+        let rule = ONE.replace(
+            "name: my_value\n",
+            "name_from: n\n        name_prefix: my_setting_\n",
+        );
+        let c = load(&rule).unwrap();
+        let m = &c
+            .collectors
+            .iter()
+            .find(|c| c.name.0 == "mine")
+            .unwrap()
+            .metrics
+            .0[0];
+        assert_eq!(m.name.0, "my_setting_<n>");
+        let both = rule.replace("name_from: n", "name: my_value\n        name_from: n");
+        assert!(load(&both).unwrap_err().contains("not both"));
+        let no_prefix = ONE.replace("name: my_value\n", "name_from: n\n");
+        assert!(load(&no_prefix)
+            .unwrap_err()
+            .contains("`name_prefix` is required"));
+        let counter = rule.replace("type: gauge", "type: counter");
+        assert!(load(&counter).unwrap_err().contains("must end in _total"));
+        let counter = counter.replace(
+            "name_prefix: my_setting_",
+            "name_prefix: my_\n        name_suffix: _total",
+        );
+        assert!(load(&counter).is_ok());
+        // The prefix would make names the built-in database collector declares.
+        let clash = rule.replace("name_prefix: my_setting_", "name_prefix: pg_database_");
+        let e = load(&clash).unwrap_err();
+        assert!(
+            e.contains("name_prefix pg_database_ would also make names"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn user_pack_overrides_builtin_by_name() {
         let c = load(&ONE.replace("name: mine", "name: database")).unwrap();
         let db = c
