@@ -1,5 +1,6 @@
-//! pgvigil's own metrics (`pg_up`, `pgvigil_collector_*`, `pgvigil_spans_*`,
-//! `pgvigil_config_last_reload_*`, `pgvigil_build_info`), built for each exposition from the health the store keeps.
+//! pgvigil's own metrics (`pg_up`, `pgvigil_collector_*` including `…_skipped` and
+//! `…_series`, `pgvigil_spans_*`, `pgvigil_config_last_reload_*`, `pgvigil_build_info`),
+//! built for each exposition from the health the store keeps.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use crate::store::{unix_seconds, Store};
 /// The self-metrics as families, built fresh for each scrape.
 pub fn self_metrics(store: &Store) -> Vec<Family> {
     let targets = store.targets();
+    let series_counts = store.series_counts();
     let mut up = family(
         "pg_up",
         "1 if the target's database answered the last connection attempt, else 0.",
@@ -29,7 +31,17 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
         "When the collector last finished without error (Unix time).",
         MetricType::Gauge,
     );
-    for h in targets.values() {
+    let mut skipped = family(
+        "pgvigil_collector_skipped",
+        "1 while the collector cannot run on this target by plan (reason: missing_extension, missing_privilege, no_variant); not counted as errors.",
+        MetricType::Gauge,
+    );
+    let mut series = family(
+        "pgvigil_collector_series",
+        "Series the collector exports now (all databases together).",
+        MetricType::Gauge,
+    );
+    for (target, h) in &targets {
         up.samples.push(Sample {
             labels: h.labels.clone(),
             value: if h.up { 1.0 } else { 0.0 },
@@ -51,6 +63,22 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
                     value: *n as f64,
                 });
             }
+            if let Some(reason) = c.skipped {
+                let mut l = labels.clone();
+                l.push((Arc::from("reason"), reason.to_string()));
+                skipped.samples.push(Sample {
+                    labels: l,
+                    value: 1.0,
+                });
+            }
+            let n = series_counts
+                .get(&(target.clone(), name.clone()))
+                .copied()
+                .unwrap_or(0);
+            series.samples.push(Sample {
+                labels: labels.clone(),
+                value: n as f64,
+            });
             if let Some(t) = c.last_success {
                 success.samples.push(Sample {
                     labels,
@@ -112,7 +140,8 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
         value: 1.0,
     });
     vec![
-        up, duration, errors, success, exported, dropped, reload_ok, reload_at, build,
+        up, duration, errors, skipped, series, success, exported, dropped, reload_ok, reload_at,
+        build,
     ]
 }
 

@@ -25,6 +25,8 @@ pub struct CollectorHealth {
     pub last_duration: Option<Duration>,
     pub errors: BTreeMap<ErrorKind, u64>,
     pub last_success: Option<SystemTime>,
+    /// Why the collector cannot run here by plan (`pgvigil_collector_skipped{reason}`).
+    pub skipped: Option<&'static str>,
 }
 
 /// A target's labels and health.
@@ -160,6 +162,17 @@ impl Store {
     pub fn snapshots(&self) -> Vec<Arc<Snapshot>> {
         let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
         s.values().cloned().collect()
+    }
+
+    /// Series per (target, collector), all databases together (`pgvigil_collector_series`).
+    pub fn series_counts(&self) -> BTreeMap<(String, String), usize> {
+        let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for ((target, collector, _), snapshot) in s.iter() {
+            let n: usize = snapshot.families.iter().map(|f| f.samples.len()).sum();
+            *out.entry((target.clone(), collector.clone())).or_default() += n;
+        }
+        out
     }
 
     pub fn get(&self, key: &Key) -> Option<Arc<Snapshot>> {

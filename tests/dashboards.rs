@@ -41,8 +41,8 @@ fn dashboards() -> Vec<(String, Value)> {
         .collect()
 }
 
-/// Metric names pgvigil can export: the `metrics[].name` of every built-in pack, the
-/// families the Rust processors add, and the self-metrics.
+/// Metric names pgvigil can export: the `metrics[].name` of every built-in pack (`prefix*`
+/// for a `name_from` rule), the families the Rust processors add, and the self-metrics.
 fn exportable_metrics() -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for (file, text) in pgvigil::collector::pack::BUILTIN_PACKS {
@@ -53,10 +53,15 @@ fn exportable_metrics() -> BTreeSet<String> {
             .unwrap_or_else(|| panic!("{file}: no collectors list"));
         for c in collectors {
             for m in c["metrics"].as_sequence().into_iter().flatten() {
-                let name = m["name"]
-                    .as_str()
-                    .unwrap_or_else(|| panic!("{file}: a metric without a name"));
-                names.insert(name.to_owned());
+                // A `name_from` rule makes any name with its prefix: kept as `prefix*`.
+                let name = match m["name_prefix"].as_str() {
+                    Some(prefix) => format!("{prefix}*"),
+                    None => m["name"]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("{file}: a metric without a name"))
+                        .to_owned(),
+                };
+                names.insert(name);
             }
         }
     }
@@ -241,7 +246,11 @@ fn every_metric_in_a_dashboard_is_exported_by_pgvigil() {
                 let expr = t["expr"].as_str().unwrap_or("");
                 for name in metric_names(expr) {
                     used += 1;
-                    if !known.contains(&name) {
+                    let by_rule = known.iter().any(|k| {
+                        k.strip_suffix('*')
+                            .is_some_and(|prefix| name.starts_with(prefix))
+                    });
+                    if !known.contains(&name) && !by_rule {
                         unknown.push(format!("{file}: panel {}: {name}", p["title"]));
                     }
                 }

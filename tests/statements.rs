@@ -194,7 +194,7 @@ fn five_thousand_statements_keep_top_n_and_exact_totals() {
 }
 
 #[test]
-fn missing_extension_is_reported_once_and_the_rest_goes_on() {
+fn missing_extension_is_skipped_not_failing_and_the_rest_goes_on() {
     // Not preloaded and not created.
     let pg = TempCluster::start(
         ClusterOptions::default()
@@ -202,10 +202,23 @@ fn missing_extension_is_reported_once_and_the_rest_goes_on() {
             .with_extensions(Vec::<String>::new()),
     )
     .unwrap();
+    // Skipped by plan, not failing: a gauge, never a growing error count.
+    let skipped = [("collector", "statements"), ("reason", "missing_extension")];
     let poller = ManualPoller::new(&config(&one_target(&pg.dsn(), "")));
+    for _ in 0..3 {
+        poller.poll();
+    }
     let s = poller.poll();
-    let l = [("collector", "statements"), ("kind", "missing_extension")];
-    assert_eq!(value(&s, "pgvigil_collector_errors_total", &l), Some(1.0));
+    assert_eq!(value(&s, "pgvigil_collector_skipped", &skipped), Some(1.0));
+    assert!(find(&s, "pgvigil_collector_errors_total", &[]).is_empty());
+    assert_eq!(
+        value(
+            &s,
+            "pgvigil_collector_series",
+            &[("collector", "statements")]
+        ),
+        Some(0.0)
+    );
     assert!(find(&s, "pg_stat_statements_calls_total", &[]).is_empty());
     assert!(value(&s, "pg_settings_max_connections", &[]).is_some());
 
@@ -213,8 +226,10 @@ fn missing_extension_is_reported_once_and_the_rest_goes_on() {
     pg.psql("postgres", "CREATE EXTENSION pg_stat_statements")
         .unwrap();
     let poller = ManualPoller::new(&config(&one_target(&pg.dsn(), "")));
+    poller.poll();
     let s = poller.poll();
-    assert_eq!(value(&s, "pgvigil_collector_errors_total", &l), Some(1.0));
+    assert_eq!(value(&s, "pgvigil_collector_skipped", &skipped), Some(1.0));
+    assert!(find(&s, "pgvigil_collector_errors_total", &[]).is_empty());
     assert!(value(&s, "pg_settings_max_connections", &[]).is_some());
 }
 

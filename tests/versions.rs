@@ -60,6 +60,37 @@ fn check_version(bindir: PathBuf) {
             errors.is_empty(),
             "PostgreSQL {major} as {who}: collectors failed: {errors:#?}"
         );
+        let skipped = find(&s, "pgvigil_collector_skipped", &[]);
+        assert!(
+            skipped.is_empty(),
+            "PostgreSQL {major} as {who}: collectors skipped: {skipped:#?}"
+        );
+        // The same names on every version, although the views moved (17: checkpointer).
+        for name in [
+            "pg_checkpoints_timed_total",
+            "pg_checkpoint_buffers_written_total",
+            "pg_bgwriter_buffers_clean_total",
+            "pg_wal_bytes_total",
+            "pg_stat_archiver_archived_total",
+            "pg_wal_segments",
+            "pg_settings_shared_buffers_bytes",
+        ] {
+            assert!(
+                value(&s, name, &[]).is_some(),
+                "PostgreSQL {major} as {who}: no {name}"
+            );
+        }
+        assert_eq!(
+            value(&s, "pg_checkpoints_done_total", &[]).is_some(),
+            major >= 18,
+            "pg_stat_checkpointer.num_done exists from 18 on"
+        );
+        assert_eq!(
+            value(&s, "pg_wal_records_total", &[]).is_some(),
+            major >= 14,
+            "pg_stat_wal exists from 14 on"
+        );
+        assert!(!find(&s, "pg_database_xid_age", &[]).is_empty());
         let info = find(&s, "pg_server_info", &[]);
         assert!(
             info[0].labels["server_version_num"].starts_with(&major.to_string()),

@@ -77,7 +77,21 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
             let _ = writeln!(out, "      step: {}", steps::describe(kind));
         }
         for m in &c.metrics.0 {
-            let _ = writeln!(out, "      {} ({}): {}", m.name, m.kind.as_str(), m.help);
+            match &m.name_rule {
+                None => {
+                    let _ = writeln!(out, "      {} ({}): {}", m.name, m.kind.as_str(), m.help);
+                }
+                Some(rule) => {
+                    let _ = writeln!(
+                        out,
+                        "      {} ({}, a family per row, name from column {}): {}",
+                        m.name,
+                        m.kind.as_str(),
+                        rule.column,
+                        m.help
+                    );
+                }
+            }
         }
     }
     for note in &catalog.notes {

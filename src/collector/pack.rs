@@ -29,6 +29,26 @@ pub const BUILTIN_PACKS: &[(&str, &str)] = &[
         "queries/indexes.yaml",
         include_str!("../../queries/indexes.yaml"),
     ),
+    (
+        "queries/archiver.yaml",
+        include_str!("../../queries/archiver.yaml"),
+    ),
+    (
+        "queries/activity.yaml",
+        include_str!("../../queries/activity.yaml"),
+    ),
+    (
+        "queries/checkpoints.yaml",
+        include_str!("../../queries/checkpoints.yaml"),
+    ),
+    (
+        "queries/vacuum.yaml",
+        include_str!("../../queries/vacuum.yaml"),
+    ),
+    (
+        "queries/replication.yaml",
+        include_str!("../../queries/replication.yaml"),
+    ),
 ];
 
 /// Errors while loading packs.
@@ -317,7 +337,11 @@ impl Variants {
 /// How one metric is read from the rows.
 #[derive(Debug, Clone)]
 pub struct MetricDef {
+    /// The metric's name; for a [`NameRule`], a placeholder such as `pg_settings_<metric>`
+    /// (for messages and the plan; never exported).
     pub name: MetricName,
+    /// A family per distinct name: each row's name is taken from a column.
+    pub name_rule: Option<NameRule>,
     pub kind: MetricType,
     pub help: String,
     /// Column holding the value; `None` only for `info` metrics (value 1).
@@ -331,10 +355,68 @@ pub struct MetricDef {
     pub accumulate: bool,
 }
 
+/// `name_from`: a metric whose name comes from a column, so one declaration gives a family
+/// per distinct value (e.g. every `pg_settings` entry as `pg_settings_<name>`). The name is
+/// `prefix` + the column's text + `suffix`, with every character Prometheus does not allow
+/// in a name replaced by `_`; rows whose column is NULL or empty give no sample, and a name
+/// that another metric of the same collector declares is skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameRule {
+    /// Column holding the variable part of the name.
+    pub column: String,
+    pub prefix: String,
+    pub suffix: String,
+    /// Column holding each family's help text (NULL or empty: the metric's `help`).
+    pub help_column: Option<String>,
+}
+
+impl NameRule {
+    /// The exported name for a row's `text`: prefix + sanitized text + suffix; `None` for "".
+    /// A name ending in a suffix Prometheus reserves for another type (`_count`, `_sum`,
+    /// `_bucket`, `_created`; `_total` on a non-counter) gets `_value` appended, so
+    /// `promtool check metrics` stays clean (`pg_settings_tcp_keepalives_count_value`).
+    pub fn name_for(&self, text: &str, kind: MetricType) -> Option<String> {
+        if text.is_empty() {
+            return None;
+        }
+        let middle: String = text
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let name = format!("{}{middle}{}", self.prefix, self.suffix);
+        let reserved = ["_count", "_sum", "_bucket", "_created"]
+            .iter()
+            .any(|s| name.ends_with(s))
+            || (kind != MetricType::Counter && name.ends_with("_total"));
+        Some(if reserved { name + "_value" } else { name })
+    }
+
+    /// How the plan shows the rule: `pg_settings_<metric>`.
+    pub fn placeholder(&self) -> String {
+        format!("{}<{}>{}", self.prefix, self.column, self.suffix)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMetric {
-    name: MetricName,
+    #[serde(default)]
+    name: Option<MetricName>,
+    /// With `name_prefix` (and optionally `name_suffix`): see [`NameRule`].
+    #[serde(default)]
+    name_from: Option<String>,
+    #[serde(default)]
+    name_prefix: Option<MetricName>,
+    #[serde(default)]
+    name_suffix: Option<String>,
+    #[serde(default)]
+    help_from: Option<String>,
     #[serde(rename = "type")]
     kind: MetricType,
     help: String,
@@ -351,14 +433,30 @@ struct RawMetric {
 impl TryFrom<RawMetric> for MetricDef {
     type Error = String;
     fn try_from(r: RawMetric) -> Result<Self, String> {
-        let name = &r.name.0;
+        let name_rule = name_rule(&r)?;
+        let name = match (&r.name, &name_rule) {
+            (Some(n), None) => n.0.clone(),
+            (None, Some(rule)) => rule.placeholder(),
+            (Some(n), Some(_)) => {
+                return Err(format!(
+                    "metric {n}: give either `name` or `name_from`, not both"
+                ))
+            }
+            (None, None) => return Err("a metric needs `name` (or `name_from`)".into()),
+        };
+        // A rule's names all end in its suffix, so the suffix carries the conventions.
+        let ending = match &name_rule {
+            Some(rule) => rule.suffix.clone(),
+            None => name.clone(),
+        };
+        let name = &name;
         match r.kind {
-            MetricType::Counter if !name.ends_with("_total") => {
+            MetricType::Counter if !ending.ends_with("_total") => {
                 return Err(format!(
                     "metric {name}: counter names must end in _total (Prometheus convention)"
                 ))
             }
-            MetricType::Info if !name.ends_with("_info") => {
+            MetricType::Info if !ending.ends_with("_info") => {
                 return Err(format!(
                     "metric {name}: info metric names must end in _info"
                 ))
@@ -373,6 +471,11 @@ impl TryFrom<RawMetric> for MetricDef {
         if name == "pg_up" || name.starts_with("pgvigil_") {
             return Err(format!(
                 "metric {name}: the name is reserved for pgvigil's own metrics"
+            ));
+        }
+        if r.accumulate && name_rule.is_some() {
+            return Err(format!(
+                "metric {name}: `accumulate` is not available with `name_from`"
             ));
         }
         if r.accumulate && r.kind != MetricType::Counter {
@@ -395,7 +498,8 @@ impl TryFrom<RawMetric> for MetricDef {
             }
         }
         Ok(MetricDef {
-            name: r.name,
+            name: MetricName(name.clone()),
+            name_rule,
             kind: r.kind,
             help: r.help,
             value: r.value,
@@ -404,6 +508,37 @@ impl TryFrom<RawMetric> for MetricDef {
             accumulate: r.accumulate,
         })
     }
+}
+
+/// The [`NameRule`] of a raw metric, if it has `name_from`; checks the fields that go with it.
+fn name_rule(r: &RawMetric) -> Result<Option<NameRule>, String> {
+    let Some(column) = &r.name_from else {
+        if r.name_prefix.is_some() || r.name_suffix.is_some() || r.help_from.is_some() {
+            return Err("`name_prefix`, `name_suffix` and `help_from` go with `name_from`".into());
+        }
+        return Ok(None);
+    };
+    let Some(prefix) = &r.name_prefix else {
+        return Err(format!(
+            "metric name_from {column:?}: `name_prefix` is required (e.g. pg_settings_), \
+             so generated names cannot collide with other metrics"
+        ));
+    };
+    let suffix = r.name_suffix.clone().unwrap_or_default();
+    if !suffix
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    {
+        return Err(format!(
+            "metric name_from {column:?}: invalid name_suffix {suffix:?}: use [a-zA-Z0-9_:]"
+        ));
+    }
+    Ok(Some(NameRule {
+        column: column.clone(),
+        prefix: prefix.0.clone(),
+        suffix,
+        help_column: r.help_from.clone(),
+    }))
 }
 
 impl<'de> Deserialize<'de> for MetricDef {
@@ -569,6 +704,32 @@ impl Catalog {
                 }
             }
         }
+        // A `name_from` rule owns every name with its prefix: no other collector may declare one.
+        for c in &collectors {
+            for rule in c.metrics.0.iter().filter_map(|m| m.name_rule.as_ref()) {
+                let clash = collectors
+                    .iter()
+                    .filter(|o| o.name != c.name)
+                    .flat_map(|o| o.metrics.0.iter().map(move |m| (o, m)))
+                    .find(|(_, m)| m.name.0.starts_with(&rule.prefix));
+                if let Some((o, m)) = clash {
+                    let text = texts.get(&c.source).copied().unwrap_or("");
+                    return Err(YamlError::at(
+                        &c.source,
+                        yaml::locate(text, "name_prefix", &rule.prefix),
+                        format!(
+                            "collectors[{}]: name_prefix {} would also make names of metric {} (collector {} in {}); choose a prefix no other collector uses",
+                            c.index,
+                            rule.prefix,
+                            m.name,
+                            o.name,
+                            o.source.display()
+                        ),
+                    )
+                    .into());
+                }
+            }
+        }
         Ok(Catalog { collectors, notes })
     }
 }
@@ -677,6 +838,43 @@ mod tests {
 
         let e = load(&ONE.replace("type: gauge", "type: counter")).unwrap_err();
         assert!(e.contains("must end in _total"), "{e}");
+    }
+
+    #[test]
+    fn name_from_rules_are_checked_at_load() {
+        let rule = ONE.replace(
+            "name: my_value\n",
+            "name_from: n\n        name_prefix: my_setting_\n",
+        );
+        let c = load(&rule).unwrap();
+        let m = &c
+            .collectors
+            .iter()
+            .find(|c| c.name.0 == "mine")
+            .unwrap()
+            .metrics
+            .0[0];
+        assert_eq!(m.name.0, "my_setting_<n>");
+        let both = rule.replace("name_from: n", "name: my_value\n        name_from: n");
+        assert!(load(&both).unwrap_err().contains("not both"));
+        let no_prefix = ONE.replace("name: my_value\n", "name_from: n\n");
+        assert!(load(&no_prefix)
+            .unwrap_err()
+            .contains("`name_prefix` is required"));
+        let counter = rule.replace("type: gauge", "type: counter");
+        assert!(load(&counter).unwrap_err().contains("must end in _total"));
+        let counter = counter.replace(
+            "name_prefix: my_setting_",
+            "name_prefix: my_\n        name_suffix: _total",
+        );
+        assert!(load(&counter).is_ok());
+        // The prefix would make names the built-in database collector declares.
+        let clash = rule.replace("name_prefix: my_setting_", "name_prefix: pg_database_");
+        let e = load(&clash).unwrap_err();
+        assert!(
+            e.contains("name_prefix pg_database_ would also make names"),
+            "{e}"
+        );
     }
 
     #[test]

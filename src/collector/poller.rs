@@ -158,23 +158,30 @@ impl TargetPoller {
                 self.store
                     .retain_databases(&self.target.name, &def.name.0, &dbs);
                 let started = Instant::now();
-                let mut outcome: Result<Option<Snapshot>, PgError> = Ok(None);
+                let (mut failed, mut skipped, mut ran) = (None, None, false);
                 for db in &dbs {
                     let r = self.run(def, db).await;
                     // Per-database results are stored separately; the run counts as failed
-                    // if any database failed.
+                    // if any database failed, and as skipped if it ran on none.
                     match r {
-                        Ok(Some(snapshot)) => self.store.put(self.key(def, db), snapshot),
+                        Ok(Some(snapshot)) => {
+                            ran = true;
+                            self.store.put(self.key(def, db), snapshot)
+                        }
                         Ok(None) => self.store.remove(&self.key(def, db)),
                         Err(e) => {
                             self.store.remove(&self.key(def, db));
                             self.report(def, db, &e);
-                            outcome = Err(e);
+                            match e.kind.skip_reason() {
+                                Some(_) => skipped = Some(e),
+                                None => failed = Some(e),
+                            }
                         }
                     }
                 }
+                let outcome = failed.or(if ran { None } else { skipped });
                 // Only health is recorded here; the snapshots are already stored.
-                self.record_health(def, outcome.as_ref().err(), started.elapsed());
+                self.record_health(def, outcome.as_ref(), started.elapsed());
             }
         }
         self.first_run_done(def);
@@ -190,14 +197,12 @@ impl TargetPoller {
         let info = slot.info();
         let Some(variant) = def.queries.resolve(info.version_num) else {
             let v = info.version_num;
-            self.once(
-                def,
-                db,
-                &format!(
+            return Err(PgError::new(
+                ErrorKind::NoVariant,
+                format!(
                     "no query variant for server version {v}; collector skipped on this server"
                 ),
-            );
-            return Ok(None);
+            ));
         };
         if let Some(ext) = &def.requires.extension {
             if !info.extensions.contains(ext) {
@@ -331,8 +336,11 @@ impl TargetPoller {
         self.store.update_target(&self.target.name, |h| {
             let c = h.collectors.entry(name).or_default();
             c.last_duration = Some(took);
+            // Skipped by plan (see `ErrorKind::skip_reason`) is a state, not an error.
+            c.skipped = error.and_then(|e| e.kind.skip_reason());
             match error {
-                Some(e) => *c.errors.entry(e.kind).or_default() += 1,
+                Some(e) if c.skipped.is_none() => *c.errors.entry(e.kind).or_default() += 1,
+                Some(_) => {}
                 None => c.last_success = Some(SystemTime::now()),
             }
         });
@@ -349,6 +357,9 @@ impl TargetPoller {
     fn report(&self, def: &CollectorDef, db: &str, e: &PgError) {
         if e.kind == ErrorKind::Connect {
             return;
+        }
+        if e.kind.skip_reason().is_some() {
+            return self.once(def, db, &e.message);
         }
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         if log.should_log(&def.name.0, db, &e.message) {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::collector::pack::{CollectorDef, Scope};
+use crate::collector::pack::{CollectorDef, MetricDef, NameRule, Scope};
 use crate::collector::table::Rows;
 use crate::metric::MetricType;
 use crate::metric::{Family, Sample};
@@ -20,86 +20,169 @@ fn hash_of(labels: &[(Arc<str>, String)]) -> u64 {
 
 /// Builds the families of `def` from `rows`. `base_labels` (target and its labels) come
 /// first on every sample; database-scope collectors get `datname` when the metric does not
-/// already take it from a column. A NULL or non-finite value skips that sample.
+/// already take it from a column. A NULL or non-finite value skips that sample. A metric
+/// with a [`NameRule`] gives one family per distinct generated name, in order of first row.
 pub fn to_families<T: Rows + ?Sized>(
     def: &CollectorDef,
     rows: &T,
     base_labels: &[(Arc<str>, String)],
     database: &str,
 ) -> Result<Vec<Family>, PgError> {
-    let decode = |msg: String| PgError::new(ErrorKind::Decode, msg);
     let mut families = Vec::with_capacity(def.metrics.0.len());
     for m in &def.metrics.0 {
-        let mut family = Family {
-            name: Arc::from(m.name.0.as_str()),
-            help: Arc::from(m.help.as_str()),
-            kind: m.kind,
-            samples: Vec::with_capacity(rows.len()),
-        };
-        if rows.is_empty() {
+        let Some(rule) = &m.name_rule else {
+            let mut family = Family {
+                name: Arc::from(m.name.0.as_str()),
+                help: Arc::from(m.help.as_str()),
+                kind: m.kind,
+                samples: Vec::with_capacity(rows.len()),
+            };
+            if !rows.is_empty() {
+                family.samples = samples(def, m, rows, 0..rows.len(), base_labels, database)?;
+            }
             families.push(family);
             continue;
-        }
-        let find = |col: &str| {
-            rows.index_of(col).ok_or_else(|| {
-                decode(format!(
-                    "metric {}: column {col:?} is not in the query result (columns: {})",
-                    m.name,
-                    rows.columns().join(", ")
-                ))
-            })
         };
-        let value_idx = m.value.as_deref().map(find).transpose()?;
-        let label_idx = m
-            .labels
-            .iter()
-            .map(|l| find(&l.0).map(|i| (Arc::<str>::from(l.0.as_str()), i)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let add_datname =
-            def.scope == Scope::Database && !m.labels.iter().any(|l| l.0 == "datname");
-        // Duplicate label sets, found by hash without copying every label set; samples
-        // with equal hashes are then compared for real.
-        let mut seen: HashMap<u64, Vec<usize>> = HashMap::with_capacity(rows.len());
-        for row in 0..rows.len() {
-            let value = match value_idx {
-                None => 1.0,
-                Some(i) => match rows
-                    .number(row, i)
-                    .map_err(|e| decode(format!("metric {}: value column: {e}", m.name)))?
-                {
-                    // An info sample is 1; its value column only says whether it exists.
-                    Some(_) if m.kind == MetricType::Info => 1.0,
-                    Some(v) if v.is_finite() => v,
-                    _ => continue,
-                },
-            };
-            let mut labels = base_labels.to_vec();
-            if add_datname {
-                labels.push((Arc::from("datname"), database.to_string()));
-            }
-            for (name, i) in &label_idx {
-                let v = rows
-                    .label(row, *i)
-                    .map_err(|e| decode(format!("metric {}: label {name}: {e}", m.name)))?;
-                labels.push((name.clone(), v));
-            }
-            for (k, v) in &m.static_labels {
-                labels.push((Arc::from(k.0.as_str()), v.clone()));
-            }
-            let same = seen.entry(hash_of(&labels)).or_default();
-            if same.iter().any(|&i| family.samples[i].labels == labels) {
-                return Err(decode(format!(
-                    "metric {}: two rows give the same label set {:?}; add a label column that tells them apart",
-                    m.name,
-                    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>()
-                )));
-            }
-            same.push(family.samples.len());
-            family.samples.push(Sample { labels, value });
+        for (name, (help, members)) in rule_groups(def, m, rule, rows)? {
+            let samples = samples(def, m, rows, members.into_iter(), base_labels, database)?;
+            families.push(Family {
+                name: Arc::from(name.as_str()),
+                help: Arc::from(help.as_str()),
+                kind: m.kind,
+                samples,
+            });
         }
-        families.push(family);
     }
     Ok(families)
+}
+
+fn decode(msg: String) -> PgError {
+    PgError::new(ErrorKind::Decode, msg)
+}
+
+fn column<T: Rows + ?Sized>(m: &MetricDef, rows: &T, col: &str) -> Result<usize, PgError> {
+    rows.index_of(col).ok_or_else(|| {
+        decode(format!(
+            "metric {}: column {col:?} is not in the query result (columns: {})",
+            m.name,
+            rows.columns().join(", ")
+        ))
+    })
+}
+
+/// A generated name, its help text and the rows that give it.
+type RuleGroup = (String, (String, Vec<usize>));
+
+/// The rows of a [`NameRule`] metric grouped by generated name (first row first), each with
+/// its help text. Names that are reserved or declared by another metric of the collector
+/// are left out.
+fn rule_groups<T: Rows + ?Sized>(
+    def: &CollectorDef,
+    m: &MetricDef,
+    rule: &NameRule,
+    rows: &T,
+) -> Result<Vec<RuleGroup>, PgError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let name_idx = column(m, rows, &rule.column)?;
+    let help_idx = rule
+        .help_column
+        .as_deref()
+        .map(|c| column(m, rows, c))
+        .transpose()?;
+    let declared: Vec<&str> = def.metrics.0.iter().map(|d| d.name.0.as_str()).collect();
+    let mut groups: Vec<RuleGroup> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for row in 0..rows.len() {
+        let text = rows
+            .label(row, name_idx)
+            .map_err(|e| decode(format!("metric {}: name column: {e}", m.name)))?;
+        let Some(name) = rule.name_for(&text, m.kind) else {
+            continue;
+        };
+        if name == "pg_up" || name.starts_with("pgvigil_") || declared.contains(&name.as_str()) {
+            continue;
+        }
+        if let Some(&g) = index.get(&name) {
+            groups[g].1 .1.push(row);
+            continue;
+        }
+        let help = match help_idx {
+            Some(i) => rows
+                .label(row, i)
+                .map_err(|e| decode(format!("metric {}: help column: {e}", m.name)))?,
+            None => String::new(),
+        };
+        let help = if help.trim().is_empty() {
+            m.help.clone()
+        } else {
+            help
+        };
+        index.insert(name.clone(), groups.len());
+        groups.push((name, (help, vec![row])));
+    }
+    Ok(groups)
+}
+
+/// The samples of metric `m` from the rows `which`.
+fn samples<T: Rows + ?Sized>(
+    def: &CollectorDef,
+    m: &MetricDef,
+    rows: &T,
+    which: impl Iterator<Item = usize>,
+    base_labels: &[(Arc<str>, String)],
+    database: &str,
+) -> Result<Vec<Sample>, PgError> {
+    let value_idx = m.value.as_deref().map(|c| column(m, rows, c)).transpose()?;
+    let label_idx = m
+        .labels
+        .iter()
+        .map(|l| column(m, rows, &l.0).map(|i| (Arc::<str>::from(l.0.as_str()), i)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let add_datname = def.scope == Scope::Database && !m.labels.iter().any(|l| l.0 == "datname");
+    let mut out: Vec<Sample> = Vec::new();
+    // Duplicate label sets, found by hash without copying every label set; samples
+    // with equal hashes are then compared for real.
+    let mut seen: HashMap<u64, Vec<usize>> = HashMap::new();
+    for row in which {
+        let value = match value_idx {
+            None => 1.0,
+            Some(i) => match rows
+                .number(row, i)
+                .map_err(|e| decode(format!("metric {}: value column: {e}", m.name)))?
+            {
+                // An info sample is 1; its value column only says whether it exists.
+                Some(_) if m.kind == MetricType::Info => 1.0,
+                Some(v) if v.is_finite() => v,
+                _ => continue,
+            },
+        };
+        let mut labels = base_labels.to_vec();
+        if add_datname {
+            labels.push((Arc::from("datname"), database.to_string()));
+        }
+        for (name, i) in &label_idx {
+            let v = rows
+                .label(row, *i)
+                .map_err(|e| decode(format!("metric {}: label {name}: {e}", m.name)))?;
+            labels.push((name.clone(), v));
+        }
+        for (k, v) in &m.static_labels {
+            labels.push((Arc::from(k.0.as_str()), v.clone()));
+        }
+        let same = seen.entry(hash_of(&labels)).or_default();
+        if same.iter().any(|&i| out[i].labels == labels) {
+            return Err(decode(format!(
+                "metric {}: two rows give the same label set {:?}; add a label column that tells them apart",
+                m.name,
+                labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>()
+            )));
+        }
+        same.push(out.len());
+        out.push(Sample { labels, value });
+    }
+    Ok(out)
 }
 
 /// Literal rows for unit tests of anything that reads [`Columns`].
@@ -158,6 +241,70 @@ mod tests {
             .collect();
         assert_eq!(labels, ["target=t", "k=a", "s=z"]);
         assert_eq!(f[0].samples[0].value, 1.5);
+    }
+
+    #[test]
+    fn a_name_rule_gives_a_family_per_name() {
+        let def: CollectorDef = serde_yaml_ng::from_str(
+            "name: c\nhelp: h\nqueries: [{sql: x}]\nmetrics:\n  - {name: s_fixed, type: gauge, help: fixed, value: f}\n  - {name_from: n, name_prefix: s_, help_from: d, type: gauge, help: generic, value: v}\n",
+        )
+        .unwrap();
+        let rows = vec![
+            Fake(vec![
+                ("n", None, "a.b"),
+                ("d", None, "About a."),
+                ("v", Some(1.0), ""),
+                ("f", Some(9.0), ""),
+            ]),
+            Fake(vec![
+                ("n", None, "fixed"),
+                ("d", None, ""),
+                ("v", Some(2.0), ""),
+                ("f", None, ""),
+            ]),
+            Fake(vec![
+                ("n", None, ""),
+                ("d", None, ""),
+                ("v", Some(3.0), ""),
+                ("f", None, ""),
+            ]),
+            Fake(vec![
+                ("n", None, "c"),
+                ("d", None, ""),
+                ("v", None, ""),
+                ("f", None, ""),
+            ]),
+            Fake(vec![
+                ("n", None, "é"),
+                ("d", None, ""),
+                ("v", Some(4.0), ""),
+                ("f", None, ""),
+            ]),
+            Fake(vec![
+                ("n", None, "x_count"),
+                ("d", None, ""),
+                ("v", Some(5.0), ""),
+                ("f", None, ""),
+            ]),
+        ];
+        let f = to_families(&def, &rows, &base(), "").unwrap();
+        let got: Vec<(&str, &str, usize)> = f
+            .iter()
+            .map(|f| (&*f.name, &*f.help, f.samples.len()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("s_fixed", "fixed", 1),
+                // sanitized; help from the column
+                ("s_a_b", "About a.", 1),
+                // s_fixed is declared: skipped; "" gives no name; NULL value: no sample
+                ("s_c", "generic", 0),
+                ("s__", "generic", 1),
+                // a suffix promtool reserves for summaries and histograms
+                ("s_x_count_value", "generic", 1),
+            ]
+        );
     }
 
     #[test]

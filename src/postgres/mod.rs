@@ -33,6 +33,8 @@ pub enum ErrorKind {
     Decode,
     Permission,
     MissingExtension,
+    /// No SQL variant of the collector matches the server's version.
+    NoVariant,
 }
 
 impl ErrorKind {
@@ -44,6 +46,19 @@ impl ErrorKind {
             ErrorKind::Decode => "decode",
             ErrorKind::Permission => "permission",
             ErrorKind::MissingExtension => "missing_extension",
+            ErrorKind::NoVariant => "no_variant",
+        }
+    }
+
+    /// Why a collector cannot run by plan on this server, for
+    /// `pgvigil_collector_skipped{reason}`; `None` for real failures. A skip is logged once
+    /// and not counted in `pgvigil_collector_errors_total`.
+    pub fn skip_reason(self) -> Option<&'static str> {
+        match self {
+            ErrorKind::MissingExtension => Some("missing_extension"),
+            ErrorKind::Permission => Some("missing_privilege"),
+            ErrorKind::NoVariant => Some("no_variant"),
+            _ => None,
         }
     }
 }

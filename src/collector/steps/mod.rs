@@ -107,8 +107,10 @@ impl CollectorState {
             .unwrap_or_default()
             .as_secs_f64();
         self.last_poll = Some(ctx.now);
-        for (family, metric) in families.iter_mut().zip(&def.metrics.0) {
-            if metric.accumulate {
+        // Families follow the metrics, except that a `name_from` metric (never accumulated)
+        // may give any number of them: match by name.
+        for metric in def.metrics.0.iter().filter(|m| m.accumulate) {
+            if let Some(family) = families.iter_mut().find(|f| *f.name == *metric.name.0) {
                 accumulate(&mut self.totals, family, dt);
             }
         }

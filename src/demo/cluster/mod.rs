@@ -381,6 +381,91 @@ impl TempCluster {
         Ok(cluster)
     }
 
+    /// Starts a streaming standby of this (running) server: `pg_basebackup -R -X stream`
+    /// into a new temp directory, connecting as [`SUPERUSER`] with `application_name`
+    /// (which `-R` writes into `primary_conninfo`), then the server on its own port. Needs
+    /// `pg_basebackup` next to the server binaries. Dropping it removes it like any
+    /// [`TempCluster`].
+    pub fn start_standby(&self, application_name: &str) -> Result<TempCluster, ClusterError> {
+        let basebackup = self.bindir.join("pg_basebackup");
+        if !is_executable(&basebackup) {
+            return Err(ClusterError::BadBindir {
+                origin: "TempCluster::start_standby",
+                dir: self.bindir.clone(),
+                missing: "pg_basebackup".into(),
+            });
+        }
+        let as_user = self.runner.as_user.clone();
+        let base = temp_base(as_user.is_some());
+        let temp = tempfile::Builder::new()
+            .prefix("pgvigil-standby-")
+            .tempdir_in(&base)
+            .map_err(|e| io_err(format!("creating a temp dir in {}", base.display()), e))?;
+        let root = temp.path().to_path_buf();
+        let socket_dir = root.join("s");
+        fs::create_dir(&socket_dir)
+            .map_err(|e| io_err(format!("creating {}", socket_dir.display()), e))?;
+        let runner = Runner::new(&self.bindir, as_user, &root);
+        let mut standby = TempCluster {
+            temp: Some(temp),
+            data_dir: root.join("data"),
+            log_path: root.join("server.log"),
+            root,
+            socket_dir,
+            bindir: self.bindir.clone(),
+            port: 0,
+            major_version: self.major_version,
+            runner,
+            watchdog: None,
+        };
+        standby.watchdog = Watchdog::spawn(
+            &standby.runner,
+            &standby.bindir.join("pg_ctl"),
+            &standby.data_dir,
+            &standby.root,
+        );
+        if let Some(user) = &standby.runner.as_user {
+            let mut chown = Command::new(system_tool("chown"));
+            chown.arg("-R").arg(format!("{user}:")).arg(&standby.root);
+            run_checked(&mut chown)?;
+        }
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={SUPERUSER} application_name={}",
+            self.port,
+            conninfo_quote(application_name)
+        );
+        let mut backup = standby.runner.command(&basebackup);
+        backup
+            .arg("-D")
+            .arg(&standby.data_dir)
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync", "-d"])
+            .arg(&conninfo);
+        run_checked(&mut backup)?;
+        // The copied postgresql.conf has the primary's port and socket directory; lines
+        // added at the end win.
+        let conf_path = standby.data_dir.join("postgresql.conf");
+        let base_conf = fs::read_to_string(&conf_path)
+            .map_err(|e| io_err(format!("reading {}", conf_path.display()), e))?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            standby.port = pick_port()?;
+            let conf = format!(
+                "{base_conf}\n# --- standby (TempCluster::start_standby) ---\nport = {}\nunix_socket_directories = {}\n",
+                standby.port,
+                conninfo_quote(&standby.socket_dir.to_string_lossy())
+            );
+            fs::write(&conf_path, conf)
+                .map_err(|e| io_err(format!("writing {}", conf_path.display()), e))?;
+            match standby.pg_ctl_start() {
+                Ok(()) => break,
+                Err(failure) if failure.addr_in_use && attempt < START_ATTEMPTS => {}
+                Err(failure) => return Err(standby.start_error(failure, attempt)),
+            }
+        }
+        Ok(standby)
+    }
+
     /// TCP port on 127.0.0.1 (stays the same across `stop()`/`restart()`).
     pub fn port(&self) -> u16 {
         self.port
