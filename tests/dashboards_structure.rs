@@ -242,6 +242,14 @@ fn the_data_source_is_always_the_datasource_variable() {
             ds["query"], "prometheus",
             "{file}: `datasource` variable must list Prometheus data sources"
         );
+        // A saved selection would name someone's data source; empty means Grafana's default.
+        let current = &ds["current"];
+        assert!(
+            current.is_null()
+                || current.as_object().is_some_and(|o| o.is_empty())
+                || current["value"] == "default",
+            "{file}: `datasource` variable saved with a selection ({current}); save it empty"
+        );
         for v in variables(&dash) {
             if v["type"] == "query" {
                 assert_eq!(
