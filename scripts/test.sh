@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need (PostgreSQL server binaries,
-# prometheus and promtool) if missing, then runs rustfmt, clippy and the whole test suite.
+# prometheus and promtool) if missing, then runs rustfmt, clippy, the alert rule tests and
+# the whole test suite.
 # Runs on a fresh Debian 12 machine with Rust, as root or with sudo.
 set -euo pipefail
 
@@ -55,6 +56,10 @@ cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+
+step "promtool check rules and test rules (alerts/)"
+promtool check rules alerts/pgvigil.rules.yml
+promtool test rules alerts/tests/*.yml
 
 if cargo nextest --version >/dev/null 2>&1; then
     step "cargo nextest run"
