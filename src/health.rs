@@ -1,4 +1,5 @@
-//! pgvigil's own metrics (`pg_up`, `pgvigil_collector_*`, `pgvigil_spans_*`,
+//! pgvigil's own metrics (`pg_up`, `pgvigil_collector_*` including database visits,
+//! `pgvigil_spans_*`,
 //! `pgvigil_build_info`), built for each exposition from the health the store keeps.
 
 use std::sync::Arc;
@@ -29,6 +30,17 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
         "When the collector last finished without error (Unix time).",
         MetricType::Gauge,
     );
+    let mut behind = family(
+        "pgvigil_collector_databases_behind",
+        "Database-scope collectors: monitored databases not visited within two of the collector's intervals, because the connection budget (targets[].max_connections) cannot visit them all in time (0 when it keeps up).",
+        MetricType::Gauge,
+    );
+    let mut oldest = family(
+        "pgvigil_collector_oldest_visit_timestamp_seconds",
+        "Database-scope collectors: when the least recently visited database was last visited (Unix time); absent until every database has been visited once.",
+        MetricType::Gauge,
+    );
+    let now = std::time::SystemTime::now();
     for h in targets.values() {
         up.samples.push(Sample {
             labels: h.labels.clone(),
@@ -50,6 +62,18 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
                     labels: l,
                     value: *n as f64,
                 });
+            }
+            if let Some(v) = &c.visits {
+                behind.samples.push(Sample {
+                    labels: labels.clone(),
+                    value: v.behind(now) as f64,
+                });
+                if let Some(t) = v.oldest() {
+                    oldest.samples.push(Sample {
+                        labels: labels.clone(),
+                        value: unix_seconds(t),
+                    });
+                }
             }
             if let Some(t) = c.last_success {
                 success.samples.push(Sample {
@@ -89,7 +113,9 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
         labels: vec![(Arc::from("version"), env!("CARGO_PKG_VERSION").to_string())],
         value: 1.0,
     });
-    vec![up, duration, errors, success, exported, dropped, build]
+    vec![
+        up, duration, errors, success, behind, oldest, exported, dropped, build,
+    ]
 }
 
 fn family(name: &str, help: &str, kind: MetricType) -> Family {

@@ -25,6 +25,50 @@ pub struct CollectorHealth {
     pub last_duration: Option<Duration>,
     pub errors: BTreeMap<ErrorKind, u64>,
     pub last_success: Option<SystemTime>,
+    /// Database-scope collectors: when each monitored database was last visited.
+    pub visits: Option<Visits>,
+}
+
+/// When a database-scope collector last visited each database, to tell whether the
+/// connection budget keeps up with its interval.
+#[derive(Debug, Clone)]
+pub struct Visits {
+    /// The collector's interval.
+    pub interval: Duration,
+    /// Database → end of its last visit (`None`: not visited yet).
+    pub databases: BTreeMap<String, Option<SystemTime>>,
+    /// When visiting started: the reference for databases not visited yet.
+    pub since: SystemTime,
+}
+
+impl Visits {
+    pub fn new(interval: Duration) -> Visits {
+        Visits {
+            interval,
+            databases: BTreeMap::new(),
+            since: SystemTime::now(),
+        }
+    }
+
+    /// Databases not visited within two intervals (counting from `since` for those never
+    /// visited): what the budget could not keep up with.
+    pub fn behind(&self, now: SystemTime) -> usize {
+        let late = now.checked_sub(self.interval * 2).unwrap_or(UNIX_EPOCH);
+        self.databases
+            .values()
+            .filter(|v| v.unwrap_or(self.since) < late)
+            .count()
+    }
+
+    /// The least recent visit, once every database has had one.
+    pub fn oldest(&self) -> Option<SystemTime> {
+        self.databases
+            .values()
+            .try_fold(None::<SystemTime>, |min, v| {
+                v.map(|t| Some(min.map_or(t, |m| m.min(t))))
+            })
+            .flatten()
+    }
 }
 
 /// A target's labels and health.

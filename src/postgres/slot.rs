@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
@@ -84,12 +84,13 @@ type EventHandler = Arc<dyn Fn(Event) + Send + Sync>;
 /// caller at a time (a query runs in its own transaction, and those cannot interleave on
 /// one connection), connecting first when needed.
 ///
-/// # Connection budget (seam)
+/// # Connection budget
 /// DESIGN §8 caps the sessions per target (`max_connections`, shared by all its
-/// databases). That plugs in here: every slot of a target gets the same
-/// `Arc<tokio::sync::Semaphore>`, and [`State`] keeps an `OwnedSemaphorePermit` next to
-/// its session — taken in [`Slot::acquire`] just before dialing (the spot is marked
-/// there) and released whenever the session is dropped (lost, broken, or idle-closed).
+/// databases). Every slot of a target gets the same `Arc<Semaphore>` ([`Slot::budget`]),
+/// and each open session holds one of its permits: taken in [`Slot::acquire`] just before
+/// dialing (waiting there while the budget is spent) and released whenever the session
+/// is dropped — lost, broken, or closed by its owner ([`SlotGuard::close`],
+/// [`Slot::close`]). Whether a session stays open between uses is the owner's call.
 pub struct Slot {
     dsn: Dsn,
     connect_timeout: Duration,
@@ -101,6 +102,10 @@ pub struct Slot {
     /// Words before each log message, e.g. `"activity sampler "`; empty for collectors.
     who: String,
     on_event: Option<EventHandler>,
+    /// The target's connection budget: a permit per open session.
+    budget: Option<Arc<Semaphore>>,
+    /// Connects and closes are routine (a session opened per visit): logged at debug.
+    quiet: bool,
     /// Async mutex: held by the one caller using the session, across its queries.
     state: Arc<Mutex<State>>,
 }
@@ -130,8 +135,28 @@ impl Slot {
             database,
             who: String::new(),
             on_event: None,
+            budget: None,
+            quiet: false,
             state: Arc::default(),
         }
+    }
+
+    /// Shares a connection budget: an open session holds one of `permits`.
+    pub fn budget(mut self, permits: Arc<Semaphore>) -> Slot {
+        self.budget = Some(permits);
+        self
+    }
+
+    /// Logs successful connects at debug level: for sessions opened per use.
+    pub fn quiet(mut self) -> Slot {
+        self.quiet = true;
+        self
+    }
+
+    /// Closes the session if it is open (waiting for its current user to finish), which
+    /// returns its permit to the budget. Not a loss: no [`Event`].
+    pub async fn close(&self) {
+        self.state.lock().await.session = None;
     }
 
     /// Names the target in log lines, and optionally who uses the session (`"activity
@@ -175,11 +200,19 @@ impl Slot {
                 ));
             }
         }
-        // Connection budget: take the target's permit here (see the type's docs).
+        // The budget (see the type's docs): wait for a permit while it is spent. The
+        // semaphore is never closed, so the error arm cannot happen.
+        let permit = match &self.budget {
+            Some(b) => Arc::clone(b).acquire_owned().await.ok(),
+            None => None,
+        };
         match Session::connect(&self.dsn, self.connect_timeout, self.flavour).await {
-            Ok((session, info)) => {
+            Ok((mut session, info)) => {
+                session.permit = permit;
                 if state.failures > 0 {
                     tracing::info!(target = %self.target, database = self.database.as_str(), "{}reconnected after {} failed attempts", self.who, state.failures);
+                } else if self.quiet {
+                    tracing::debug!(target = %self.target, database = self.database.as_str(), server_version = info.version_num, "{}connected", self.who);
                 } else {
                     tracing::info!(target = %self.target, database = self.database.as_str(), server_version = info.version_num, "{}connected", self.who);
                 }
@@ -277,6 +310,12 @@ impl SlotGuard {
         }
     }
 
+    /// Closes the session after this use, returning its permit to the budget; the next
+    /// [`Slot::acquire`] connects again. Not a loss: no [`Event`].
+    pub fn close(mut self) {
+        self.state.session = None;
+    }
+
     /// Drops the session: the next [`Slot::acquire`] reconnects (without backoff, since
     /// the last connect succeeded).
     pub fn mark_broken(&mut self) {
@@ -292,6 +331,8 @@ impl SlotGuard {
 struct Session {
     client: Client,
     flavour: Flavour,
+    /// This session's share of the target's connection budget, returned on drop.
+    permit: Option<OwnedSemaphorePermit>,
     /// (statement_timeout, lock_timeout) as last set; `None` when unknown.
     timeouts: Option<(Duration, Duration)>,
 }
@@ -338,6 +379,7 @@ impl Session {
         let session = Session {
             client,
             flavour,
+            permit: None,
             timeouts: None,
         };
         Ok((session, info))
