@@ -87,10 +87,11 @@ type EventHandler = Arc<dyn Fn(Event) + Send + Sync>;
 /// # Connection budget
 /// DESIGN §8 caps the sessions per target (`max_connections`, shared by all its
 /// databases). Every slot of a target gets the same `Arc<Semaphore>` ([`Slot::budget`]),
-/// and each open session holds one of its permits: taken in [`Slot::acquire`] just before
-/// dialing (waiting there while the budget is spent) and released whenever the session
-/// is dropped — lost, broken, or closed by its owner ([`SlotGuard::close`],
-/// [`Slot::close`]). Whether a session stays open between uses is the owner's call.
+/// and each open connection holds one of its permits: taken in [`Slot::acquire`] just
+/// before dialing (waiting there while the budget is spent), given to the connection's
+/// task and released when that task ends — after the session is dropped (lost, broken,
+/// or closed by its owner: [`SlotGuard::close`], [`Slot::close`]) and the connection
+/// shut down. Whether a session stays open between uses is the owner's call.
 pub struct Slot {
     dsn: Dsn,
     connect_timeout: Duration,
@@ -206,9 +207,8 @@ impl Slot {
             Some(b) => Arc::clone(b).acquire_owned().await.ok(),
             None => None,
         };
-        match Session::connect(&self.dsn, self.connect_timeout, self.flavour).await {
-            Ok((mut session, info)) => {
-                session.permit = permit;
+        match Session::connect(&self.dsn, self.connect_timeout, self.flavour, permit).await {
+            Ok((session, info)) => {
                 if state.failures > 0 {
                     tracing::info!(target = %self.target, database = self.database.as_str(), "{}reconnected after {} failed attempts", self.who, state.failures);
                 } else if self.quiet {
@@ -331,8 +331,6 @@ impl SlotGuard {
 struct Session {
     client: Client,
     flavour: Flavour,
-    /// This session's share of the target's connection budget, returned on drop.
-    permit: Option<OwnedSemaphorePermit>,
     /// (statement_timeout, lock_timeout) as last set; `None` when unknown.
     timeouts: Option<(Duration, Duration)>,
 }
@@ -345,6 +343,7 @@ impl Session {
         dsn: &Dsn,
         connect_timeout: Duration,
         flavour: Flavour,
+        permit: Option<OwnedSemaphorePermit>,
     ) -> Result<(Session, ServerInfo), PgError> {
         let Dsn(config, tls_settings) = dsn;
         let mut config = config.clone();
@@ -366,6 +365,9 @@ impl Session {
             // Ends when the server goes away or the client is dropped; the next use of the
             // client sees `is_closed()` and reconnects.
             let _ = connection.await;
+            // The budget's permit returns only now, once the goodbye is sent and the socket
+            // shut: not when the session is dropped, while the connection still exists.
+            drop(permit);
         });
         if flavour.applies_settings() {
             client
@@ -379,7 +381,6 @@ impl Session {
         let session = Session {
             client,
             flavour,
-            permit: None,
             timeouts: None,
         };
         Ok((session, info))
