@@ -1,6 +1,6 @@
-//! pgvigil's own metrics (`pg_up`, `pgvigil_collector_*` including database visits,
-//! `pgvigil_spans_*`,
-//! `pgvigil_build_info`), built for each exposition from the health the store keeps.
+//! pgvigil's own metrics (`pg_up`, `pgvigil_collector_*` including how database visits
+//! keep up, `pgvigil_spans_*`, `pgvigil_build_info`), built for each exposition from the
+//! health the store keeps.
 
 use std::sync::Arc;
 

@@ -213,3 +213,29 @@ pub fn unix_seconds(t: SystemTime) -> f64 {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visits_behind_and_oldest() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut v = Visits::new(Duration::from_secs(10));
+        v.since = t0;
+        v.databases
+            .insert("a".into(), Some(t0 + Duration::from_secs(5)));
+        v.databases.insert("b".into(), None);
+        assert_eq!(v.oldest(), None, "b not visited yet");
+        assert_eq!(v.behind(t0 + Duration::from_secs(19)), 0);
+        assert_eq!(
+            v.behind(t0 + Duration::from_secs(21)),
+            1,
+            "b: 21 s since start"
+        );
+        assert_eq!(v.behind(t0 + Duration::from_secs(26)), 2);
+        v.databases
+            .insert("b".into(), Some(t0 + Duration::from_secs(3)));
+        assert_eq!(v.oldest(), Some(t0 + Duration::from_secs(3)));
+    }
+}
