@@ -1,6 +1,7 @@
-//! pgvigil's own metrics (`pg_up`, `pgvigil_collector_*` including `…_skipped` and
-//! `…_series`, `pgvigil_spans_*`, `pgvigil_config_last_reload_*`, `pgvigil_build_info`),
-//! built for each exposition from the health the store keeps.
+//! pgvigil's own metrics (`pg_up`, `pgvigil_collector_*` including `…_skipped`,
+//! `…_series` and how database visits keep up, `pgvigil_spans_*`,
+//! `pgvigil_config_last_reload_*`, `pgvigil_build_info`), built for each exposition from
+//! the health the store keeps.
 
 use std::sync::Arc;
 
@@ -41,6 +42,17 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
         "Series the collector exports now (all databases together).",
         MetricType::Gauge,
     );
+    let mut behind = family(
+        "pgvigil_collector_databases_behind",
+        "Database-scope collectors: monitored databases not visited within two of the collector's intervals, because the connection budget (targets[].max_connections) cannot visit them all in time (0 when it keeps up).",
+        MetricType::Gauge,
+    );
+    let mut oldest = family(
+        "pgvigil_collector_oldest_visit_timestamp_seconds",
+        "Database-scope collectors: when the least recently visited database was last visited (Unix time); absent until every database has been visited once.",
+        MetricType::Gauge,
+    );
+    let now = std::time::SystemTime::now();
     for (target, h) in &targets {
         up.samples.push(Sample {
             labels: h.labels.clone(),
@@ -79,6 +91,18 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
                 labels: labels.clone(),
                 value: n as f64,
             });
+            if let Some(v) = &c.visits {
+                behind.samples.push(Sample {
+                    labels: labels.clone(),
+                    value: v.behind(now) as f64,
+                });
+                if let Some(t) = v.oldest() {
+                    oldest.samples.push(Sample {
+                        labels: labels.clone(),
+                        value: unix_seconds(t),
+                    });
+                }
+            }
             if let Some(t) = c.last_success {
                 success.samples.push(Sample {
                     labels,
@@ -140,8 +164,8 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
         value: 1.0,
     });
     vec![
-        up, duration, errors, skipped, series, success, exported, dropped, reload_ok, reload_at,
-        build,
+        up, duration, errors, skipped, series, success, behind, oldest, exported, dropped,
+        reload_ok, reload_at, build,
     ]
 }
 

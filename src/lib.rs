@@ -15,7 +15,10 @@
 //!
 //! - [`config`]: the YAML config file, environment overrides, file:line errors.
 //! - [`collector`]: collector packs (`queries/*.yaml`, compiled in, plus user packs) and
-//!   version resolution (`pack`); the background poll loop per target (`poller`); the Rust
+//!   version resolution (`pack`); the background poll loop per target (`poller`: cluster
+//!   collectors on the main database, visits of the other databases within the target's
+//!   connection budget); relation names of every database for cluster-wide views (`names`);
+//!   the Rust
 //!   steps for what SQL cannot say (`steps`: statements top-N/window/`other`, index-build
 //!   ETA), which add columns to a [`collector::table::Table`]; rows → families (`rows`).
 //! - [`postgres`]: DSNs and TLS, sessions (`postgres::slot`: pgvigil's session settings,

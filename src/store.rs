@@ -27,6 +27,50 @@ pub struct CollectorHealth {
     pub last_success: Option<SystemTime>,
     /// Why the collector cannot run here by plan (`pgvigil_collector_skipped{reason}`).
     pub skipped: Option<&'static str>,
+    /// Database-scope collectors: when each monitored database was last visited.
+    pub visits: Option<Visits>,
+}
+
+/// When a database-scope collector last visited each database, to tell whether the
+/// connection budget keeps up with its interval.
+#[derive(Debug, Clone)]
+pub struct Visits {
+    /// The collector's interval.
+    pub interval: Duration,
+    /// Database → end of its last visit (`None`: not visited yet).
+    pub databases: BTreeMap<String, Option<SystemTime>>,
+    /// When visiting started: the reference for databases not visited yet.
+    pub since: SystemTime,
+}
+
+impl Visits {
+    pub fn new(interval: Duration) -> Visits {
+        Visits {
+            interval,
+            databases: BTreeMap::new(),
+            since: SystemTime::now(),
+        }
+    }
+
+    /// Databases not visited within two intervals (counting from `since` for those never
+    /// visited): what the budget could not keep up with.
+    pub fn behind(&self, now: SystemTime) -> usize {
+        let late = now.checked_sub(self.interval * 2).unwrap_or(UNIX_EPOCH);
+        self.databases
+            .values()
+            .filter(|v| v.unwrap_or(self.since) < late)
+            .count()
+    }
+
+    /// The least recent visit, once every database has had one.
+    pub fn oldest(&self) -> Option<SystemTime> {
+        self.databases
+            .values()
+            .try_fold(None::<SystemTime>, |min, v| {
+                v.map(|t| Some(min.map_or(t, |m| m.min(t))))
+            })
+            .flatten()
+    }
 }
 
 /// A target's labels and health.
@@ -229,4 +273,30 @@ pub fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visits_behind_and_oldest() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut v = Visits::new(Duration::from_secs(10));
+        v.since = t0;
+        v.databases
+            .insert("a".into(), Some(t0 + Duration::from_secs(5)));
+        v.databases.insert("b".into(), None);
+        assert_eq!(v.oldest(), None, "b not visited yet");
+        assert_eq!(v.behind(t0 + Duration::from_secs(19)), 0);
+        assert_eq!(
+            v.behind(t0 + Duration::from_secs(21)),
+            1,
+            "b: 21 s since start"
+        );
+        assert_eq!(v.behind(t0 + Duration::from_secs(26)), 2);
+        v.databases
+            .insert("b".into(), Some(t0 + Duration::from_secs(3)));
+        assert_eq!(v.oldest(), Some(t0 + Duration::from_secs(3)));
+    }
 }

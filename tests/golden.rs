@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pgvigil::collector::names::{NameCache, Relations};
 use pgvigil::collector::pack::{Catalog, CollectorDef, BUILTIN_PACKS};
 use pgvigil::collector::steps::{CollectorState, Context};
 use pgvigil::exposition::{self, Format};
@@ -101,8 +102,30 @@ fn recorded_polls(collector: &str) -> Vec<Vec<Recorded>> {
         .collect()
 }
 
+/// The relation-name cache as the recorded `relation_names` rows fill it (last poll), keyed
+/// by their `datname` column.
+fn recorded_names(catalog: &Catalog) -> NameCache {
+    let cache = NameCache::default();
+    for c in catalog.collectors.iter().filter(|c| c.cache.is_some()) {
+        let last = recorded_polls(&c.name.0).pop().unwrap_or_default();
+        let mut by_db: std::collections::BTreeMap<String, Vec<Recorded>> = Default::default();
+        for row in last {
+            let db = row
+                .index_of("datname")
+                .and_then(|i| row.label(i).ok())
+                .unwrap_or_default();
+            by_db.entry(db).or_default().push(row);
+        }
+        for (db, rows) in by_db {
+            let relations = Relations::from_rows(&rows).unwrap_or_else(|e| panic!("{e}"));
+            cache.put(&db, relations);
+        }
+    }
+    cache
+}
+
 /// Runs the recorded polls of `def` through its steps and mapping; the last poll's result.
-fn replay(def: &CollectorDef) -> Snapshot {
+fn replay(def: &CollectorDef, names: &NameCache) -> Snapshot {
     let base = vec![(Arc::<str>::from("target"), "golden".to_string())];
     let database = match def.scope {
         pgvigil::collector::pack::Scope::Cluster => "",
@@ -121,6 +144,8 @@ fn replay(def: &CollectorDef) -> Snapshot {
                 top_n: 3,
                 ..Default::default()
             },
+            names: Some(names),
+            monitored: &|_| true,
         };
         families = state
             .families(def, INTERVAL, rows, &ctx)
@@ -136,6 +161,7 @@ fn builtin() -> Catalog {
 #[test]
 fn every_built_in_pack_exports_exactly_its_golden_text() {
     let catalog = builtin();
+    let names = recorded_names(&catalog);
     let update = std::env::var_os("PGVIGIL_UPDATE_GOLDEN").is_some();
     let mut failures = Vec::new();
     for (file, _) in BUILTIN_PACKS {
@@ -143,7 +169,7 @@ fn every_built_in_pack_exports_exactly_its_golden_text() {
             .collectors
             .iter()
             .filter(|c| c.source == Path::new(file))
-            .map(|c| Arc::new(replay(c)))
+            .map(|c| Arc::new(replay(c, &names)))
             .collect();
         assert!(!snapshots.is_empty(), "{file}: no collectors");
         let text = exposition::encode(snapshots, Vec::new(), Format::Text);

@@ -1,6 +1,7 @@
 //! Collectors: the pack format (`pack`), rows → families (`rows`) and the per-target poll
 //! loop (`poller`), plus the plan printout of `pgvigil check-config`.
 
+pub mod names;
 pub mod pack;
 pub mod poller;
 pub mod rows;
@@ -51,7 +52,11 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
     let _ = writeln!(out, "listen: {}", config.listen);
     let _ = writeln!(out, "targets:");
     for t in &config.targets {
-        let _ = writeln!(out, "  {}: {:?}", t.name, t.dsn);
+        let _ = writeln!(
+            out,
+            "  {}: {:?}, at most {} collector connections",
+            t.name, t.dsn, t.max_connections.0
+        );
     }
     let _ = writeln!(out, "collectors ({}):", catalog.collectors.len());
     for c in &catalog.collectors {
@@ -73,6 +78,29 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
             let _ = writeln!(out, "      requires extension {ext}");
         }
         let _ = writeln!(out, "      {}", variant_plan(&c.queries));
+        if c.cache.is_some() {
+            let _ = writeln!(
+                out,
+                "      fills the relation-name cache of each database it visits"
+            );
+        }
+        if let Some(datname) = &c.per_database {
+            let names: Vec<String> = c
+                .relation_names
+                .iter()
+                .map(|r| format!("{} from the OID in {}", r.column, r.oid))
+                .collect();
+            let _ = writeln!(
+                out,
+                "      rows per database (column {datname}){}{}",
+                if names.is_empty() {
+                    ""
+                } else {
+                    "; relation names: "
+                },
+                names.join(", ")
+            );
+        }
         if let Some(kind) = c.processor {
             let _ = writeln!(out, "      step: {}", steps::describe(kind));
         }

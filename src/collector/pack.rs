@@ -96,7 +96,22 @@ pub struct CollectorDef {
     #[serde(default)]
     pub requires: Requires,
     pub queries: Variants,
+    /// What the rows become. May be empty only for a collector that fills a `cache`.
+    #[serde(default)]
     pub metrics: Metrics,
+    /// A cache the rows fill instead of (or besides) metrics; `scope: database` only.
+    #[serde(default)]
+    pub cache: Option<CacheKind>,
+    /// The column naming each row's database, for a `scope: cluster` collector over an
+    /// instance-wide view: rows of databases outside the target's `databases` filter are
+    /// dropped, and `relation_names` resolves OIDs in that row's database.
+    #[serde(default)]
+    pub per_database: Option<String>,
+    /// Label columns that take their value from the relation-name cache: the name of the
+    /// OID in another column, looked up in the row's database (`per_database`). Where the
+    /// cache does not know the OID (yet), the column keeps the query's own value.
+    #[serde(default)]
+    pub relation_names: Vec<RelationName>,
     /// Rust post-processing for what SQL and YAML cannot express (window statistics,
     /// top-N, estimates across polls). Built-in names only.
     #[serde(default)]
@@ -109,6 +124,46 @@ pub struct CollectorDef {
     pub index: usize,
 }
 
+impl CollectorDef {
+    /// Checks that span several fields.
+    fn check(&self) -> Result<(), String> {
+        if self.metrics.0.is_empty() && self.cache.is_none() {
+            return Err("at least one metric is required".into());
+        }
+        if self.cache.is_some() && self.scope != Scope::Database {
+            return Err(
+                "`cache` reads a database's own catalogs: it needs `scope: database`".into(),
+            );
+        }
+        if self.per_database.is_some() && self.scope != Scope::Cluster {
+            return Err(
+                "`per_database` is for `scope: cluster` collectors (`scope: database` adds datname itself)"
+                    .into(),
+            );
+        }
+        if !self.relation_names.is_empty() && self.per_database.is_none() {
+            return Err(
+                "`relation_names` looks OIDs up in each row's database: set `per_database` to the column that names it"
+                    .into(),
+            );
+        }
+        for r in &self.relation_names {
+            if !self
+                .metrics
+                .0
+                .iter()
+                .any(|m| m.labels.iter().any(|l| l.0 == r.column))
+            {
+                return Err(format!(
+                    "relation_names: {:?} is not a label column of any metric",
+                    r.column
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The named Rust processors a collector can hand its rows to (see `processor.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -117,6 +172,32 @@ pub enum ProcessorKind {
     Statements,
     /// pg_stat_progress_create_index: progress ratio smoothing and ETA.
     CreateIndexProgress,
+}
+
+/// The caches a collector can fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheKind {
+    /// OID → schema and name of the visited database's relations (columns `oid`,
+    /// `schema`, `name`), for the `relation_names` of cluster-scope collectors.
+    RelationNames,
+}
+
+/// One `relation_names` entry: `{oid: relid, as: relation}` sets the label column
+/// `relation` to `schema.name` of the OID in column `relid`; `schema: false` gives the
+/// bare name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelationName {
+    pub oid: String,
+    #[serde(rename = "as")]
+    pub column: String,
+    #[serde(default = "yes")]
+    pub schema: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_scope() -> Scope {
@@ -549,17 +630,15 @@ impl<'de> Deserialize<'de> for MetricDef {
     }
 }
 
-/// The metrics of a collector: non-empty, names unique.
-#[derive(Debug, Clone)]
+/// The metrics of a collector: names unique (non-empty unless the collector fills a
+/// cache, checked with the collector).
+#[derive(Debug, Clone, Default)]
 pub struct Metrics(pub Vec<MetricDef>);
 
 impl<'de> Deserialize<'de> for Metrics {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let v = Vec::<MetricDef>::deserialize(d)?;
-        if v.is_empty() {
-            return Err(D::Error::custom("at least one metric is required"));
-        }
         let mut seen = HashSet::new();
         for m in &v {
             if !seen.insert(&m.name) {
@@ -630,6 +709,14 @@ impl Catalog {
             for (index, mut c) in pack.collectors.into_iter().enumerate() {
                 c.source = f.path.clone();
                 c.index = index;
+                if let Err(e) = c.check() {
+                    return Err(YamlError::at(
+                        &f.path,
+                        yaml::locate(&f.text, "name", &c.name.0),
+                        format!("collectors[{index}] ({}): {e}", c.name),
+                    )
+                    .into());
+                }
                 match by_name.get(&c.name.0) {
                     Some(&i) if collectors[i].1 && !f.builtin => {
                         notes.push(format!(
@@ -875,6 +962,34 @@ mod tests {
             e.contains("name_prefix pg_database_ would also make names"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn relation_names_need_a_database_column_and_caches_a_database_scope() {
+        let names = ONE.replace(
+            "        value: v\n",
+            "        value: v\n        labels: [rel]\n",
+        );
+        let with = |extra: &str| names.replace("    queries:", &format!("{extra}    queries:"));
+        let e = load(&with("    relation_names: [{oid: relid, as: rel}]\n")).unwrap_err();
+        assert!(e.starts_with("user.yaml:2:"), "{e}");
+        assert!(e.contains("set `per_database`"), "{e}");
+        load(&with(
+            "    per_database: datname\n    relation_names: [{oid: relid, as: rel}]\n",
+        ))
+        .unwrap();
+        let e = load(&with(
+            "    per_database: datname\n    relation_names: [{oid: relid, as: nope}]\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("\"nope\" is not a label column"), "{e}");
+        let e = load(&with("    cache: relation_names\n")).unwrap_err();
+        assert!(e.contains("needs `scope: database`"), "{e}");
+        let cache_only = "collectors:\n  - name: names\n    help: Names.\n    scope: database\n    cache: relation_names\n    queries:\n      - sql: SELECT 1\n";
+        let c = load(cache_only).unwrap();
+        assert!(c.collectors.iter().any(|c| c.name.0 == "names"));
+        let e = load(&cache_only.replace("    cache: relation_names\n", "")).unwrap_err();
+        assert!(e.contains("at least one metric is required"), "{e}");
     }
 
     #[test]

@@ -1,28 +1,46 @@
-//! The poll loop of one target: a background task per collector on its interval, sharing
-//! at most one session per database (a [`Slot`], which connects, reconnects and logs its
-//! connection). The poller owns which databases are visited, what a session's ups and
-//! downs mean for the target's health (`pg_up`, `/readyz`), running each collector's query
-//! and turning rows into snapshots. Results go to the snapshot store; failures are
-//! counted and logged (rate-limited) and never stop other collectors or targets.
+//! The poll loop of one target. Cluster-scope collectors each run on their interval on the
+//! main database (the DSN's). Database-scope collectors — only those that need a
+//! database's own catalogs — share one visit loop: in each round it visits every monitored
+//! database once, running there every such collector that is due, on one session.
+//!
+//! Connection budget (`targets[].max_connections`, DESIGN §8): every session of the
+//! target ([`Slot`], which connects, reconnects and logs its connection) holds a permit
+//! of one semaphore while open. The main database's session stays open; the other
+//! databases' sessions stay open only while they all fit in the rest of the budget, and
+//! otherwise are closed after each visit, so the budget is never exceeded while every
+//! database is still visited (at most `max_connections - 1` at once). A round slower than
+//! the collectors' interval shows in `pgvigil_collector_databases_behind` and an hourly
+//! warning, instead of falling behind silently.
+//!
+//! The poller owns which databases are visited, what a session's ups and downs mean for
+//! the target's health (`pg_up`, `/readyz`), running each collector's query and turning
+//! rows into snapshots. Results go to the snapshot store; failures are counted and logged
+//! (rate-limited) and never stop other collectors or targets.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::watch;
+use futures_util::StreamExt;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use tokio_postgres::Row;
 
-use crate::collector::pack::{CollectorDef, Scope};
+use crate::collector::names::{NameCache, Relations};
+use crate::collector::pack::{CacheKind, CollectorDef, Scope};
 use crate::collector::steps::{CollectorState, Context};
 use crate::config::{CollectorDefaults, StatementsConfig, Target};
 use crate::postgres::slot::{Event, Slot, SlotGuard};
 use crate::postgres::{dsn, ErrorKind, PgError};
-use crate::store::{Snapshot, Store};
+use crate::store::{Snapshot, Store, Visits};
 
 /// How often the database list for `scope: database` collectors is refreshed.
 const DISCOVERY_EVERY: Duration = Duration::from_secs(60);
 /// The same error is logged again at most this often.
 const LOG_REPEAT: Duration = Duration::from_secs(300);
+/// Falling behind on database visits is logged again at most this often.
+const BEHIND_REPEAT: Duration = Duration::from_secs(3600);
 
 /// Polls one target.
 pub struct TargetPoller {
@@ -33,8 +51,14 @@ pub struct TargetPoller {
     /// Database name → its session, shared by all collectors (the slot serialises them).
     /// A std mutex: only held to look up the map.
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// The connection budget: one permit per open session, of any database.
+    budget: Arc<Semaphore>,
     /// The databases `scope: database` collectors visit, and when they were listed.
     databases: Mutex<(Vec<String>, Option<Instant>)>,
+    /// How many of those are not the main database (decides which sessions stay open).
+    others: AtomicUsize,
+    /// Relation names per database, filled by visits, read by cluster-scope collectors.
+    names: NameCache,
     /// Collectors that have not finished a first run (for `/readyz`).
     pending: Mutex<HashSet<String>>,
     log: Mutex<LogLimiter>,
@@ -61,12 +85,15 @@ impl TargetPoller {
         store.add_target(&target.name, base_labels.clone());
         let pending = collectors.iter().map(|c| c.name.0.clone()).collect();
         Arc::new(TargetPoller {
+            budget: Arc::new(Semaphore::new(target.max_connections.max(1))),
             target,
             store,
             defaults,
             collectors,
             slots: Mutex::new(HashMap::new()),
             databases: Mutex::new((Vec::new(), None)),
+            others: AtomicUsize::new(0),
+            names: NameCache::default(),
             pending: Mutex::new(pending),
             log: Mutex::new(LogLimiter::default()),
             base_labels,
@@ -79,18 +106,27 @@ impl TargetPoller {
         dsn::database(&self.target.pg.0).to_string()
     }
 
+    fn interval(&self, def: &CollectorDef) -> Duration {
+        def.interval.unwrap_or(self.defaults.interval).0
+    }
+
     /// Starts the background tasks; they stop when `shutdown` turns true (between polls).
     /// The handles let a reload abort a poll in flight, so a replaced poller never writes
     /// into the store after its successor started.
     pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
-        let mut tasks = Vec::with_capacity(self.collectors.len() + 1);
-        for idx in 0..self.collectors.len() {
-            let me = Arc::clone(self);
-            let stop = shutdown.clone();
-            tasks.push(tokio::spawn(
-                async move { me.collector_loop(idx, stop).await },
-            ));
+        let mut tasks = Vec::with_capacity(self.collectors.len() + 2);
+        for (idx, def) in self.collectors.iter().enumerate() {
+            if def.scope == Scope::Cluster {
+                let me = Arc::clone(self);
+                let stop = shutdown.clone();
+                tasks.push(tokio::spawn(
+                    async move { me.collector_loop(idx, stop).await },
+                ));
+            }
         }
+        let me = Arc::clone(self);
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move { me.visit_loop(stop).await }));
         let me = Arc::clone(self);
         tasks.push(tokio::spawn(async move { me.heartbeat(shutdown).await }));
         tasks
@@ -118,7 +154,12 @@ impl TargetPoller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => { let _ = self.acquire(&self.main_db()).await; }
+                _ = tick.tick() => {
+                    let main = self.main_db();
+                    if let Ok(guard) = self.acquire(&main).await {
+                        self.release(guard, &main);
+                    }
+                }
                 _ = shutdown.changed() => return,
             }
         }
@@ -126,12 +167,48 @@ impl TargetPoller {
 
     async fn collector_loop(self: Arc<Self>, idx: usize, mut shutdown: watch::Receiver<bool>) {
         let def = &self.collectors[idx];
-        let every = def.interval.unwrap_or(self.defaults.interval).0;
+        let every = self.interval(def);
         let mut tick = tokio::time::interval_at(jittered_start(every), every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => self.poll_collector(def).await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// The database-scope collectors: a round of visits every shortest interval among
+    /// them, each round running the collectors that are due.
+    async fn visit_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let defs: Vec<&CollectorDef> = self
+            .collectors
+            .iter()
+            .filter(|c| c.scope == Scope::Database)
+            .collect();
+        let Some(every) = defs.iter().map(|d| self.interval(d)).min() else {
+            return;
+        };
+        let mut next_due: Vec<Option<Instant>> = vec![None; defs.len()];
+        let mut tick = tokio::time::interval_at(jittered_start(every), every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            // Due now, or within half a round: a collector whose interval is a multiple of
+            // the round's runs every so many rounds, not one round late.
+            let now = Instant::now();
+            let mut due = Vec::new();
+            for (i, def) in defs.iter().enumerate() {
+                if next_due[i].is_none_or(|at| at <= now + every / 2) {
+                    next_due[i] = Some(now + self.interval(def));
+                    due.push(*def);
+                }
+            }
+            tokio::select! {
+                _ = self.visit_round(&due) => {}
                 _ = shutdown.changed() => return,
             }
         }
@@ -144,56 +221,191 @@ impl TargetPoller {
         }
     }
 
-    /// One run of a collector: on the main database, or on each monitored database.
+    /// One run of a collector: on the main database, or a round over the monitored
+    /// databases.
     pub async fn poll_collector(&self, def: &CollectorDef) {
         match def.scope {
             Scope::Cluster => {
-                let db = self.main_db();
                 let started = Instant::now();
-                let result = self.run(def, &db).await;
+                let result = self.run_cluster(def).await;
                 self.record(def, "", result, started.elapsed());
+                self.first_run_done(def);
             }
-            Scope::Database => {
-                let dbs = self.databases().await;
-                self.store
-                    .retain_databases(&self.target.name, &def.name.0, &dbs);
-                let started = Instant::now();
-                let (mut failed, mut skipped, mut ran) = (None, None, false);
-                for db in &dbs {
-                    let r = self.run(def, db).await;
-                    // Per-database results are stored separately; the run counts as failed
-                    // if any database failed, and as skipped if it ran on none.
-                    match r {
-                        Ok(Some(snapshot)) => {
-                            ran = true;
-                            self.store.put(self.key(def, db), snapshot)
-                        }
-                        Ok(None) => self.store.remove(&self.key(def, db)),
-                        Err(e) => {
-                            self.store.remove(&self.key(def, db));
-                            self.report(def, db, &e);
-                            match e.kind.skip_reason() {
-                                Some(_) => skipped = Some(e),
-                                None => failed = Some(e),
-                            }
-                        }
-                    }
-                }
-                let outcome = failed.or(if ran { None } else { skipped });
-                // Only health is recorded here; the snapshots are already stored.
-                self.record_health(def, outcome.as_ref(), started.elapsed());
-            }
+            Scope::Database => self.visit_round(&[def]).await,
         }
-        self.first_run_done(def);
     }
 
     fn key(&self, def: &CollectorDef, db: &str) -> (String, String, String) {
         (self.target.name.clone(), def.name.0.clone(), db.to_string())
     }
 
-    /// Runs the collector's query on `db`; `Ok(None)` when it does not apply there.
-    async fn run(&self, def: &CollectorDef, db: &str) -> Result<Option<Snapshot>, PgError> {
-        let mut slot = self.acquire(db).await?;
+    /// A cluster-scope collector on the main database.
+    async fn run_cluster(&self, def: &CollectorDef) -> Result<Option<Snapshot>, PgError> {
+        let main = self.main_db();
+        let mut slot = self.acquire(&main).await?;
+        let rows = self.query(&mut slot, def, &main).await;
+        self.release(slot, &main);
+        match rows? {
+            Some(rows) => self.process(def, "", &rows).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// One round over the monitored databases for `defs` (database-scope collectors):
+    /// each database visited once, on one session for all of them, at most as many at
+    /// once as the budget leaves beside the main database's session.
+    async fn visit_round(&self, defs: &[&CollectorDef]) {
+        if defs.is_empty() {
+            return;
+        }
+        let dbs = self.databases().await;
+        for def in defs {
+            self.store
+                .retain_databases(&self.target.name, &def.name.0, &dbs);
+        }
+        let started = Instant::now();
+        let visitors = self.target.max_connections.saturating_sub(1).max(1);
+        let visits: Vec<(String, SystemTime, Vec<Option<PgError>>)> =
+            futures_util::stream::iter(dbs.clone())
+                .map(|db| self.visit(db, defs))
+                .buffer_unordered(visitors)
+                .collect()
+                .await;
+        let took = started.elapsed();
+        let mut behind: Vec<(String, usize)> = Vec::new();
+        for (i, def) in defs.iter().enumerate() {
+            // The run counts as failed if any database failed (each is reported), and as
+            // skipped by plan if it ran in no database.
+            let errors = || visits.iter().filter_map(|(_, _, e)| e[i].as_ref());
+            let failed = errors().find(|e| e.kind.skip_reason().is_none());
+            let ran = visits.iter().any(|(_, _, e)| e[i].is_none());
+            let skipped = if ran { None } else { errors().next() };
+            self.record_health(def, failed.or(skipped), took);
+            let interval = self.interval(def);
+            let mut lagging = 0;
+            self.store.update_target(&self.target.name, |h| {
+                let c = h.collectors.entry(def.name.0.clone()).or_default();
+                let v = c.visits.get_or_insert_with(|| Visits::new(interval));
+                v.interval = interval;
+                v.databases.retain(|db, _| dbs.contains(db));
+                for db in &dbs {
+                    v.databases.entry(db.clone()).or_insert(None);
+                }
+                for (db, at, _) in &visits {
+                    v.databases.insert(db.clone(), Some(*at));
+                }
+                lagging = v.behind(SystemTime::now());
+            });
+            if lagging > 0 {
+                behind.push((def.name.0.clone(), lagging));
+            }
+            self.first_run_done(def);
+        }
+        self.warn_behind(&behind, dbs.len(), took);
+    }
+
+    /// Logs, at most hourly, that the budget cannot visit every database within the
+    /// collectors' intervals.
+    fn warn_behind(&self, behind: &[(String, usize)], total: usize, round: Duration) {
+        if behind.is_empty() {
+            return;
+        }
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.behind.is_some_and(|at| at.elapsed() < BEHIND_REPEAT) {
+            return;
+        }
+        log.behind = Some(Instant::now());
+        let which: Vec<String> = behind
+            .iter()
+            .map(|(c, n)| format!("{c}: {n} of {total}"))
+            .collect();
+        tracing::warn!(
+            target = %self.target.name,
+            max_connections = self.target.max_connections,
+            "database visits are behind: databases not visited within two intervals ({}); the last round over {total} databases took {:.1}s. Raise targets[].max_connections or the collectors' interval (logged at most hourly)",
+            which.join(", "),
+            round.as_secs_f64()
+        );
+    }
+
+    /// One visit of `db`: every collector of `defs` on one session, which is then closed
+    /// unless every database fits in the budget. The error of each collector, if any.
+    /// Returns the database, when the visit ended, and the errors.
+    async fn visit(
+        &self,
+        db: String,
+        defs: &[&CollectorDef],
+    ) -> (String, SystemTime, Vec<Option<PgError>>) {
+        let errors = self.visit_db(&db, defs).await;
+        (db, SystemTime::now(), errors)
+    }
+
+    async fn visit_db(&self, db: &str, defs: &[&CollectorDef]) -> Vec<Option<PgError>> {
+        let mut slot = match self.acquire(db).await {
+            Ok(s) => s,
+            Err(e) => {
+                for def in defs {
+                    self.store.remove(&self.key(def, db));
+                    self.report(def, db, &e);
+                }
+                return vec![Some(e); defs.len()];
+            }
+        };
+        let mut results = Vec::with_capacity(defs.len());
+        for def in defs {
+            results.push(self.query(&mut slot, def, db).await);
+        }
+        self.release(slot, db);
+        defs.iter()
+            .zip(results)
+            .map(|(def, rows)| {
+                let key = self.key(def, db);
+                let result = rows.and_then(|rows| match rows {
+                    Some(rows) => self
+                        .fill_cache(def, db, &rows)
+                        .and_then(|()| self.process(def, db, &rows).map(Some)),
+                    None => Ok(None),
+                });
+                match result {
+                    Ok(Some(snapshot)) if !snapshot.families.is_empty() => {
+                        self.store.put(key, snapshot);
+                        None
+                    }
+                    Ok(_) => {
+                        self.store.remove(&key);
+                        None
+                    }
+                    Err(e) => {
+                        self.store.remove(&key);
+                        self.report(def, db, &e);
+                        Some(e)
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// A `cache: relation_names` collector's rows become the database's relation names.
+    fn fill_cache(&self, def: &CollectorDef, db: &str, rows: &[Row]) -> Result<(), PgError> {
+        match def.cache {
+            None => Ok(()),
+            Some(CacheKind::RelationNames) => {
+                let relations =
+                    Relations::from_rows(rows).map_err(|e| PgError::new(ErrorKind::Decode, e))?;
+                self.names.put(db, relations);
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs the collector's query on `slot` (a session on `db`); `Ok(None)` when it does
+    /// not apply there.
+    async fn query(
+        &self,
+        slot: &mut SlotGuard,
+        def: &CollectorDef,
+        db: &str,
+    ) -> Result<Option<Vec<Row>>, PgError> {
         let info = slot.info();
         let Some(variant) = def.queries.resolve(info.version_num) else {
             let v = info.version_num;
@@ -218,25 +430,34 @@ impl TargetPoller {
         let rows = slot
             .query(&variant.sql, timeout, self.defaults.lock_timeout.0)
             .await?;
-        drop(slot);
+        Ok(Some(rows))
+    }
+
+    /// Rows → the collector's snapshot (steps, names, mapping, accumulation). `db` is ""
+    /// for cluster scope.
+    fn process(&self, def: &CollectorDef, db: &str, rows: &[Row]) -> Result<Snapshot, PgError> {
+        let monitored = |name: &str| self.target.databases.matches(name);
         let ctx = Context {
             def,
             base_labels: &self.base_labels,
             database: db,
             now: Instant::now(),
             statements: self.statements,
+            names: Some(&self.names),
+            monitored: &monitored,
         };
-        let interval = def.interval.unwrap_or(self.defaults.interval).0;
+        let interval = self.interval(def);
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         let state = states
             .entry((def.name.0.clone(), db.to_string()))
             .or_default();
-        let families = state.families(def, interval, &rows, &ctx)?;
-        Ok(Some(Snapshot { families }))
+        let families = state.families(def, interval, rows, &ctx)?;
+        Ok(Snapshot { families })
     }
 
-    /// The session for `db`, connected; while its slot backs off after a failed attempt
-    /// this fails fast (see [`Slot::acquire`]).
+    /// The session for `db`, connected (waiting for a permit of the budget if needed);
+    /// while its slot backs off after a failed attempt this fails fast (see
+    /// [`Slot::acquire`]).
     async fn acquire(&self, db: &str) -> Result<SlotGuard, PgError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -249,13 +470,41 @@ impl TargetPoller {
         slot.acquire().await
     }
 
-    /// A slot for `db`. The main database's session decides `pg_up`.
+    /// Hands a session back: kept open if [`TargetPoller::keep_open`] says so, else closed
+    /// (its permit returns to the budget).
+    fn release(&self, guard: SlotGuard, db: &str) {
+        if !self.keep_open(db) {
+            guard.close();
+        }
+    }
+
+    /// Whether `db`'s session may stay open between uses without starving another
+    /// database of the budget: the main database's always (it is the only one that needs
+    /// no visit), unless the budget is a single connection that other databases need too;
+    /// the others only while all of them fit beside it.
+    fn keep_open(&self, db: &str) -> bool {
+        if db == self.main_db() {
+            self.target.max_connections >= 2 || self.others.load(Ordering::Relaxed) == 0
+        } else {
+            self.others_fit()
+        }
+    }
+
+    /// Every database besides the main one can have its own open session.
+    fn others_fit(&self) -> bool {
+        self.others.load(Ordering::Relaxed) < self.target.max_connections
+    }
+
+    /// A slot for `db`. The main database's session decides `pg_up`; the others' connects
+    /// are routine (one per visit when the databases do not all fit in the budget).
     fn new_slot(&self, db: &str) -> Slot {
         let mut dsn = self.target.pg.clone();
         dsn.0.dbname(db);
-        let slot = Slot::new(dsn, self.defaults.timeout.0).log_as(&self.target.name, None);
+        let slot = Slot::new(dsn, self.defaults.timeout.0)
+            .log_as(&self.target.name, None)
+            .budget(Arc::clone(&self.budget));
         if db != self.main_db() {
-            return slot;
+            return slot.quiet();
         }
         let store = Arc::clone(&self.store);
         let target = self.target.name.clone();
@@ -263,7 +512,8 @@ impl TargetPoller {
     }
 
     /// The databases to visit, refreshed at most every [`DISCOVERY_EVERY`]. On failure the
-    /// previous list is kept.
+    /// previous list is kept. A new list also forgets the sessions and names of databases
+    /// no longer monitored, and closes idle sessions that no longer fit in the budget.
     async fn databases(&self) -> Vec<String> {
         {
             let d = self.databases.lock().unwrap_or_else(|e| e.into_inner());
@@ -280,24 +530,64 @@ impl TargetPoller {
                     self.defaults.timeout.0,
                     self.defaults.lock_timeout.0,
                 )
-                .await?;
-            Ok::<_, PgError>(rows.iter().filter_map(|r| r.try_get::<_, String>(0).ok()).collect::<Vec<_>>())
+                .await;
+            self.release(slot, &main);
+            Ok::<_, PgError>(rows?.iter().filter_map(|r| r.try_get::<_, String>(0).ok()).collect::<Vec<_>>())
         }
         .await;
-        let mut d = self.databases.lock().unwrap_or_else(|e| e.into_inner());
-        match listed {
-            Ok(all) => {
-                d.0 = all
-                    .into_iter()
-                    .filter(|n| self.target.databases.matches(n))
-                    .collect();
-                d.1 = Some(Instant::now());
-            }
+        let all = match listed {
+            Ok(all) => all,
             Err(e) => {
                 tracing::debug!(target = %self.target.name, "cannot list databases: {e}");
+                let mut d = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+                // Try again at the next round, not at every visit of this one.
+                if d.1.is_none() {
+                    d.1 = Some(Instant::now() - DISCOVERY_EVERY + Duration::from_secs(5));
+                }
+                return d.0.clone();
+            }
+        };
+        let dbs: Vec<String> = all
+            .into_iter()
+            .filter(|n| self.target.databases.matches(n))
+            .collect();
+        {
+            let mut d = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+            d.0 = dbs.clone();
+            d.1 = Some(Instant::now());
+        }
+        self.others.store(
+            dbs.iter().filter(|d| **d != main).count(),
+            Ordering::Relaxed,
+        );
+        self.names.retain(&dbs);
+        let (gone, others): (Vec<Arc<Slot>>, Vec<Arc<Slot>>) = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let unlisted: Vec<String> = slots
+                .keys()
+                .filter(|db| **db != main && !dbs.contains(db))
+                .cloned()
+                .collect();
+            let gone = unlisted.iter().filter_map(|db| slots.remove(db)).collect();
+            let others = slots
+                .iter()
+                .filter(|(db, _)| **db != main)
+                .map(|(_, s)| Arc::clone(s))
+                .collect();
+            (gone, others)
+        };
+        for slot in gone {
+            slot.close().await;
+        }
+        // Sessions kept open while every database fitted hold permits that the others
+        // need now. (No visit holds one here: this runs before a round's visits, and
+        // rounds do not overlap.)
+        if !self.others_fit() {
+            for slot in others {
+                slot.close().await;
             }
         }
-        d.0.clone()
+        dbs
     }
 
     fn first_run_done(&self, def: &CollectorDef) {
@@ -413,6 +703,8 @@ fn session_events(store: &Store, target: &str, event: Event) {
 struct LogLimiter {
     last: HashMap<(String, String), (String, Instant)>,
     once: HashSet<(String, String, String)>,
+    /// When falling behind on database visits was last logged.
+    behind: Option<Instant>,
 }
 
 impl LogLimiter {

@@ -174,6 +174,43 @@ pub struct TargetConfig {
     /// Which databases `scope: database` collectors visit.
     #[serde(default)]
     pub databases: DatabaseFilter,
+    /// The most connections the collectors hold open to this server at once, over all its
+    /// databases (the activity sampler's own connection is counted apart).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: MaxConnections,
+}
+
+/// A connection budget: at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxConnections(pub usize);
+
+fn default_max_connections() -> MaxConnections {
+    MaxConnections::default()
+}
+
+impl Default for MaxConnections {
+    fn default() -> Self {
+        // sql_exporter's default for the same setting.
+        MaxConnections(3)
+    }
+}
+
+impl std::str::FromStr for MaxConnections {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(MaxConnections(n)),
+            _ => Err(format!(
+                "invalid max_connections {s:?}: a whole number of connections, at least 1"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxConnections {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::yaml::from_str_de(d)
+    }
 }
 
 /// Include/exclude regexes over database names, for `scope: database` collectors.
@@ -272,6 +309,8 @@ pub struct Target {
     /// `target` first, then the configured labels.
     pub labels: Vec<(String, String)>,
     pub databases: DatabaseFilter,
+    /// Connection budget of the collectors (see [`TargetConfig::max_connections`]).
+    pub max_connections: usize,
 }
 
 impl Config {
@@ -377,6 +416,7 @@ impl Config {
                     pg: Dsn(pg, t.dsn.1.clone()),
                     labels,
                     databases: t.databases.clone(),
+                    max_connections: t.max_connections.0,
                 })
             })
             .collect()
@@ -426,6 +466,7 @@ fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig,
         password_file: None,
         labels: BTreeMap::new(),
         databases: DatabaseFilter::default(),
+        max_connections: default_max_connections(),
     })
 }
 
@@ -463,6 +504,26 @@ mod tests {
         assert!(!c.targets[0].databases.matches("postgres"));
         assert_eq!(c.collectors.defaults.interval, Interval::from_secs(30));
         assert_eq!(c.collectors.defaults.timeout, Interval::from_secs(5));
+        assert_eq!(c.targets[0].max_connections, MaxConnections(3));
+    }
+
+    #[test]
+    fn max_connections_is_at_least_one() {
+        let t = |v: &str| {
+            parse(&format!(
+                "targets:\n  - name: a\n    dsn: host=h\n    max_connections: {v}\n"
+            ))
+        };
+        assert_eq!(
+            t("1").unwrap().targets[0].max_connections,
+            MaxConnections(1)
+        );
+        for bad in ["0", "-1", "many"] {
+            let e = t(bad).unwrap_err();
+            assert!(e.starts_with("pgvigil.yaml:4:"), "{e}");
+            assert!(e.contains("targets[0].max_connections"), "{e}");
+            assert!(e.contains("at least 1"), "{e}");
+        }
     }
 
     #[test]

@@ -80,6 +80,7 @@ impl Demo {
             password_file: None,
             labels: Default::default(),
             databases: Default::default(),
+            max_connections: Default::default(),
         });
         Ok(config)
     }

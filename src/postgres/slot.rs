@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
@@ -84,12 +84,14 @@ type EventHandler = Arc<dyn Fn(Event) + Send + Sync>;
 /// caller at a time (a query runs in its own transaction, and those cannot interleave on
 /// one connection), connecting first when needed.
 ///
-/// # Connection budget (seam)
+/// # Connection budget
 /// DESIGN §8 caps the sessions per target (`max_connections`, shared by all its
-/// databases). That plugs in here: every slot of a target gets the same
-/// `Arc<tokio::sync::Semaphore>`, and [`State`] keeps an `OwnedSemaphorePermit` next to
-/// its session — taken in [`Slot::acquire`] just before dialing (the spot is marked
-/// there) and released whenever the session is dropped (lost, broken, or idle-closed).
+/// databases). Every slot of a target gets the same `Arc<Semaphore>` ([`Slot::budget`]),
+/// and each open connection holds one of its permits: taken in [`Slot::acquire`] just
+/// before dialing (waiting there while the budget is spent), given to the connection's
+/// task and released when that task ends — after the session is dropped (lost, broken,
+/// or closed by its owner: [`SlotGuard::close`], [`Slot::close`]) and the connection
+/// shut down. Whether a session stays open between uses is the owner's call.
 pub struct Slot {
     dsn: Dsn,
     connect_timeout: Duration,
@@ -101,6 +103,10 @@ pub struct Slot {
     /// Words before each log message, e.g. `"activity sampler "`; empty for collectors.
     who: String,
     on_event: Option<EventHandler>,
+    /// The target's connection budget: a permit per open session.
+    budget: Option<Arc<Semaphore>>,
+    /// Connects and closes are routine (a session opened per visit): logged at debug.
+    quiet: bool,
     /// Async mutex: held by the one caller using the session, across its queries.
     state: Arc<Mutex<State>>,
 }
@@ -130,8 +136,28 @@ impl Slot {
             database,
             who: String::new(),
             on_event: None,
+            budget: None,
+            quiet: false,
             state: Arc::default(),
         }
+    }
+
+    /// Shares a connection budget: an open session holds one of `permits`.
+    pub fn budget(mut self, permits: Arc<Semaphore>) -> Slot {
+        self.budget = Some(permits);
+        self
+    }
+
+    /// Logs successful connects at debug level: for sessions opened per use.
+    pub fn quiet(mut self) -> Slot {
+        self.quiet = true;
+        self
+    }
+
+    /// Closes the session if it is open (waiting for its current user to finish), which
+    /// returns its permit to the budget. Not a loss: no [`Event`].
+    pub async fn close(&self) {
+        self.state.lock().await.session = None;
     }
 
     /// Names the target in log lines, and optionally who uses the session (`"activity
@@ -175,11 +201,18 @@ impl Slot {
                 ));
             }
         }
-        // Connection budget: take the target's permit here (see the type's docs).
-        match Session::connect(&self.dsn, self.connect_timeout, self.flavour).await {
+        // The budget (see the type's docs): wait for a permit while it is spent. The
+        // semaphore is never closed, so the error arm cannot happen.
+        let permit = match &self.budget {
+            Some(b) => Arc::clone(b).acquire_owned().await.ok(),
+            None => None,
+        };
+        match Session::connect(&self.dsn, self.connect_timeout, self.flavour, permit).await {
             Ok((session, info)) => {
                 if state.failures > 0 {
                     tracing::info!(target = %self.target, database = self.database.as_str(), "{}reconnected after {} failed attempts", self.who, state.failures);
+                } else if self.quiet {
+                    tracing::debug!(target = %self.target, database = self.database.as_str(), server_version = info.version_num, "{}connected", self.who);
                 } else {
                     tracing::info!(target = %self.target, database = self.database.as_str(), server_version = info.version_num, "{}connected", self.who);
                 }
@@ -277,6 +310,12 @@ impl SlotGuard {
         }
     }
 
+    /// Closes the session after this use, returning its permit to the budget; the next
+    /// [`Slot::acquire`] connects again. Not a loss: no [`Event`].
+    pub fn close(mut self) {
+        self.state.session = None;
+    }
+
     /// Drops the session: the next [`Slot::acquire`] reconnects (without backoff, since
     /// the last connect succeeded).
     pub fn mark_broken(&mut self) {
@@ -304,6 +343,7 @@ impl Session {
         dsn: &Dsn,
         connect_timeout: Duration,
         flavour: Flavour,
+        permit: Option<OwnedSemaphorePermit>,
     ) -> Result<(Session, ServerInfo), PgError> {
         let Dsn(config, tls_settings) = dsn;
         let mut config = config.clone();
@@ -325,6 +365,9 @@ impl Session {
             // Ends when the server goes away or the client is dropped; the next use of the
             // client sees `is_closed()` and reconnects.
             let _ = connection.await;
+            // The budget's permit returns only now, once the goodbye is sent and the socket
+            // shut: not when the session is dropped, while the connection still exists.
+            drop(permit);
         });
         if flavour.applies_settings() {
             client

@@ -503,8 +503,11 @@ mod tests {
 
     fn row(ratio: Option<f64>) -> Fake {
         Fake(vec![
+            ("datname", None, "app"),
             ("pid", Some(42.0), ""),
+            ("relid", Some(16384.0), ""),
             ("relation", None, "public.t"),
+            ("index_relid", None, ""),
             ("index", None, "t_x_idx"),
             ("command", None, "CREATE INDEX"),
             ("phase", None, SCAN),
@@ -533,6 +536,8 @@ mod tests {
                 database: "app",
                 now: at(t0, t as f64),
                 statements: Default::default(),
+                names: None,
+                monitored: &|_| true,
             };
             let rows = [row(Some(t as f64 / 10.0))];
             let families = state
@@ -575,6 +580,8 @@ mod tests {
             database: "app",
             now: t0,
             statements: Default::default(),
+            names: None,
+            monitored: &|_| true,
         };
         let e = IndexEtaStep::default().run(&[bad], &ctx).err().unwrap();
         assert_eq!(e.kind, ErrorKind::Decode);

@@ -14,8 +14,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::collector::names::{self, NameCache};
 use crate::collector::pack::{CollectorDef, ProcessorKind};
 use crate::collector::rows;
+use crate::collector::table::Rows;
 use crate::collector::table::Table;
 use crate::config::StatementsConfig;
 use crate::metric::{Family, Sample};
@@ -32,6 +34,11 @@ pub struct Context<'a> {
     /// When the rows were read.
     pub now: Instant,
     pub statements: StatementsConfig,
+    /// The target's relation-name cache, for `relation_names` (none: keep the query's
+    /// values).
+    pub names: Option<&'a NameCache>,
+    /// Whether the target monitors a database, for `per_database` rows.
+    pub monitored: &'a dyn Fn(&str) -> bool,
 }
 
 /// A collector's Rust step, with the state it keeps between polls.
@@ -81,7 +88,8 @@ pub struct CollectorState {
 
 impl CollectorState {
     /// One poll's rows → the collector's metric families: through its Rust step (if any),
-    /// the pack's metric mapping, then accumulation.
+    /// the rows' databases and relation names (`per_database`, `relation_names`), the
+    /// pack's metric mapping, then accumulation.
     pub fn families<R: Columns>(
         &mut self,
         def: &CollectorDef,
@@ -90,13 +98,13 @@ impl CollectorState {
         ctx: &Context,
     ) -> Result<Vec<Family>, PgError> {
         let mut families = match def.processor {
-            None => rows::to_families(def, rows, ctx.base_labels, ctx.database)?,
+            None => map(def, rows, ctx)?,
             Some(kind) => {
                 let table = self
                     .step
                     .get_or_insert_with(|| Step::new(kind))
                     .run(rows, ctx)?;
-                rows::to_families(def, &table, ctx.base_labels, ctx.database)?
+                map(def, &table, ctx)?
             }
         };
         // A long gap (database down, pgvigil paused) is not integrated at today's value:
@@ -116,6 +124,21 @@ impl CollectorState {
         }
         Ok(families)
     }
+}
+
+/// The pack's metric mapping, after `per_database` and `relation_names` (the step, which
+/// runs before, keys its state on the query's own values, which do not change when the
+/// cache learns a name).
+fn map<T: Rows + ?Sized>(
+    def: &CollectorDef,
+    rows: &T,
+    ctx: &Context,
+) -> Result<Vec<Family>, PgError> {
+    if def.per_database.is_none() {
+        return rows::to_families(def, rows, ctx.base_labels, ctx.database);
+    }
+    let resolved = names::resolve(def, rows, ctx.names, ctx.monitored)?;
+    rows::to_families(def, &resolved, ctx.base_labels, ctx.database)
 }
 
 /// Replaces each sample's value by its running total (total += value × dt), and keeps

@@ -544,6 +544,8 @@ mod tests {
                     top_n: 1,
                     ..Default::default()
                 },
+                names: None,
+                monitored: &|_| true,
             };
             let interval = std::time::Duration::from_secs(1);
             self.state
