@@ -94,7 +94,15 @@ pub fn pollers(
     catalog: &Catalog,
 ) -> Result<(Arc<Store>, Vec<Arc<TargetPoller>>), StartError> {
     let store = Store::new();
-    let collectors = Arc::new(catalog.collectors.clone());
+    // The activity sampler's collectors run on the sampler (trace::start), not here.
+    let collectors = Arc::new(
+        catalog
+            .collectors
+            .iter()
+            .filter(|c| c.run_by == collector::pack::RunBy::Poller)
+            .cloned()
+            .collect(),
+    );
     let pollers = config
         .resolve_targets(&process_env)?
         .into_iter()
@@ -124,14 +132,7 @@ impl Generation {
         let (stop, stop_rx) = watch::channel(false);
         let (store, _pollers) = start_pollers(config, catalog, stop_rx.clone())?;
         let targets = config.resolve_targets(&process_env)?;
-        let tracing = trace::start(
-            &config.tracing,
-            &config.collectors.defaults,
-            &targets,
-            &store,
-            stop_rx,
-            &process_env,
-        )?;
+        let tracing = trace::start(config, catalog, &targets, &store, stop_rx, &process_env)?;
         Ok(Generation {
             store,
             stop,

@@ -22,8 +22,9 @@ use pgvigil::store::Snapshot;
 use serde_yaml_ng::Value;
 
 /// Collectors whose rows are written by hand, because a short recording cannot catch them
-/// (an index build in progress over several polls).
-const HAND_WRITTEN: &[&str] = &["create_index_progress"];
+/// (an index build in progress over several polls), or because the rows the metrics map
+/// are not the query's (`activity`: the sampler's running totals, src/trace/load.rs).
+const HAND_WRITTEN: &[&str] = &["create_index_progress", "activity"];
 
 /// Polls are this far apart (the steps that use time see it).
 const INTERVAL: Duration = Duration::from_secs(15);

@@ -14,7 +14,7 @@ use common::*;
 
 fn tracing_config(dsn: &str, otlp: SocketAddr, extra: &str) -> String {
     format!(
-        "{}tracing:\n  otlp_endpoint: http://{otlp}\n  sample_interval: 200ms\n  slow_query_threshold: 500ms\n{extra}",
+        "{}activity:\n  sample_interval: 200ms\ntracing:\n  otlp_endpoint: http://{otlp}\n  slow_query_threshold: 500ms\n{extra}",
         one_target(dsn, "")
     )
 }
@@ -108,8 +108,11 @@ fn sampler_reads_activity_read_only_with_a_statement_timeout() {
             let own = || entries.iter().filter(|(p, _)| *p == pid);
             let read_only =
                 own().any(|(_, t)| t.contains("SET default_transaction_read_only = on"));
-            let samples =
-                own().any(|(_, t)| t.contains("AND coalesce(application_name, '') <> $1"));
+            let samples = own().any(|(_, t)| {
+                t.contains(
+                    "AND coalesce(application_name, '') <> current_setting('application_name')",
+                )
+            });
             if read_only && samples {
                 return;
             }
