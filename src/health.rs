@@ -69,11 +69,20 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
         "Slow-query spans not delivered, by reason (queue_full, export_failed, not_sampled).",
         MetricType::Counter,
     );
+    let mut truncated = family(
+        "pgvigil_spans_context_truncated_total",
+        "Slow executions whose SQL text was cut at track_activity_query_size with no trace context left in it (raise track_activity_query_size).",
+        MetricType::Counter,
+    );
     for h in targets.values() {
         let Some(spans) = &h.spans else { continue };
         exported.samples.push(Sample {
             labels: h.labels.clone(),
             value: spans.exported as f64,
+        });
+        truncated.samples.push(Sample {
+            labels: h.labels.clone(),
+            value: spans.context_truncated as f64,
         });
         for (reason, n) in &spans.dropped {
             let mut l = h.labels.clone();
@@ -89,7 +98,9 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
         labels: vec![(Arc::from("version"), env!("CARGO_PKG_VERSION").to_string())],
         value: 1.0,
     });
-    vec![up, duration, errors, success, exported, dropped, build]
+    vec![
+        up, duration, errors, success, exported, dropped, truncated, build,
+    ]
 }
 
 fn family(name: &str, help: &str, kind: MetricType) -> Family {

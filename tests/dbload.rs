@@ -264,3 +264,92 @@ fn slow_queries_become_spans_idle_between_and_back_to_back() {
         assert!(worst_exact <= 0.05, "exact end off by {worst_exact} s");
     }
 }
+
+/// Measurement behind the default `activity.sample_interval` (README, "Slow queries as
+/// spans"): for each interval in `PGVIGIL_MEASURE_INTERVALS` (default 250ms,500ms,750ms,1s),
+/// the share of 750 ms executions that become spans, idle between (100 ms) and back to
+/// back; and the sampler's own cost at that interval from pg_stat_statements (its query's
+/// calls and execution time per second). Run on purpose:
+/// `cargo nextest run --test dbload --run-ignored only --no-capture -E 'test(measure)'`.
+#[test]
+#[ignore = "measurement, minutes long; run on purpose"]
+fn measure_capture_rate_and_sampler_cost() {
+    let intervals = std::env::var("PGVIGIL_MEASURE_INTERVALS")
+        .unwrap_or_else(|_| "250ms,500ms,750ms,1s".into());
+    let n: usize = std::env::var("PGVIGIL_MEASURE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let pg = cluster(&[]);
+    let monitor = pg_monitor_dsn(&pg, "postgres");
+    for interval in intervals.split(',') {
+        let addr = free_addr();
+        let recv = OtlpReceiver::start(addr);
+        let run = start(config(&one_target(
+            &monitor,
+            &format!(
+                "activity:\n  sample_interval: {interval}\ntracing:\n  otlp_endpoint: http://{addr}\n"
+            ),
+        )));
+        wait_for_sampler(&run);
+        pg.psql("postgres", "SELECT pg_stat_statements_reset()")
+            .unwrap();
+        let t0 = Instant::now();
+        let tag = |p: usize, i: usize| format!("{:032x}", (p * 100_000 + i + 1) as u128);
+        let sql = |p: usize, i: usize| {
+            format!(
+                "SELECT pg_sleep(0.75) /*traceparent='00-{}-00f067aa0ba902b7-01'*/",
+                tag(p, i)
+            )
+        };
+        let s = Session::connect(&pg.dsn());
+        for i in 0..n {
+            s.run(&sql(0, i));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let all: String = (0..n).map(|i| format!("{};\n", sql(1, i))).collect();
+        let mut psql = std::process::Command::new(pg.psql_program())
+            .args(["-X", "-q", "-d", &pg.dsn()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            psql.stdin
+                .take()
+                .unwrap()
+                .write_all(all.as_bytes())
+                .unwrap();
+        }
+        assert!(psql.wait().unwrap().success());
+        let secs = t0.elapsed().as_secs_f64();
+        let cost = pg
+            .psql(
+                "postgres",
+                "SELECT coalesce(sum(calls), 0) || ' ' || coalesce(sum(total_exec_time), 0)
+                 FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
+                 WHERE r.rolname = 'monitor' AND s.query LIKE '%FROM pg_stat_activity%leader_pid IS NOT NULL%'",
+            )
+            .unwrap();
+        let mut parts = cost.split_whitespace();
+        let calls: f64 = parts.next().unwrap().parse().unwrap();
+        let exec_ms: f64 = parts.next().unwrap().parse().unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        let spans = recv.spans();
+        let rate = |p: usize| {
+            (0..n)
+                .filter(|i| spans.iter().any(|g| hex(&g.span.trace_id) == tag(p, *i)))
+                .count()
+        };
+        println!(
+            "MEASURE interval {interval}: idle-between {}/{n}, back-to-back {}/{n}; sampler {:.2} calls/s, {:.3} exec ms/s ({:.3} ms per call)",
+            rate(0),
+            rate(1),
+            calls / secs,
+            exec_ms / secs,
+            exec_ms / calls.max(1.0)
+        );
+        drop(run);
+    }
+}

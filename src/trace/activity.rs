@@ -35,6 +35,31 @@ pub struct Observation {
     pub wait_event: String,
     pub blocking_pids: Vec<i32>,
     pub query: String,
+    /// `query` was cut at `track_activity_query_size` (see [`is_cut`]).
+    pub query_cut: bool,
+}
+
+/// `track_activity_query_size` as `current_setting()` shows it (`1kB`, `100B`, `4MB`) →
+/// bytes; 0 when unreadable (nothing is then taken as cut). Parsed here because reading
+/// the raw number from `pg_settings` costs the sample ten times more.
+pub fn query_size_bytes(setting: &str) -> i32 {
+    let s = setting.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: i64 = s[..digits].parse().unwrap_or(0);
+    let unit = match s[digits..].trim() {
+        "" | "B" => 1,
+        "kB" => 1024,
+        "MB" => 1024 * 1024,
+        _ => 0,
+    };
+    i32::try_from(n * unit).unwrap_or(0)
+}
+
+/// Whether `pg_stat_activity.query` was cut at `track_activity_query_size`: the server
+/// keeps at most `size - 1` bytes, cut on a character boundary, so a text within 3 bytes
+/// of that is taken as cut (a query of exactly that length is rare enough).
+pub fn is_cut(query: &str, size: i32) -> bool {
+    size > 0 && query.len() + 4 > size as usize
 }
 
 /// A wait seen while the execution ran.
@@ -56,6 +81,8 @@ pub struct Execution {
     pub application_name: String,
     pub client_addr: String,
     pub query: String,
+    /// `query` was cut at `track_activity_query_size`.
+    pub query_cut: bool,
     pub query_start: f64,
     /// Last sample time it was seen active.
     pub last_active: f64,
@@ -226,6 +253,7 @@ fn execution_of(row: &Observation, start: f64, now: f64) -> Execution {
         application_name: row.application_name.clone(),
         client_addr: row.client_addr.clone(),
         query: row.query.clone(),
+        query_cut: row.query_cut,
         query_start: start,
         last_active: now,
         waits: Vec::new(),
@@ -326,6 +354,21 @@ mod tests {
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].blocking_pids, vec![7, 8]);
         assert_eq!(w[0].first_seen, 100.5);
+    }
+
+    #[test]
+    fn a_text_at_the_size_limit_is_cut() {
+        assert!(is_cut(&"x".repeat(1023), 1024));
+        assert!(
+            is_cut(&"x".repeat(1021), 1024),
+            "a multi-byte character cut off"
+        );
+        assert!(!is_cut(&"x".repeat(1000), 1024));
+        assert!(!is_cut("SELECT 1", 0));
+        assert_eq!(query_size_bytes("1kB"), 1024);
+        assert_eq!(query_size_bytes("100B"), 100);
+        assert_eq!(query_size_bytes("1MB"), 1 << 20);
+        assert_eq!(query_size_bytes("lots"), 0);
     }
 
     #[test]

@@ -378,9 +378,36 @@ impl Sampler {
         if ended.duration() < self.threshold {
             return;
         }
+        let x = &ended.execution;
+        if x.query_cut && context::parent_of(&x.query, &x.application_name).is_none() {
+            self.context_cut();
+        }
         match span::build(ended, &self.server) {
             Some(s) => queue.push(s),
             None => queue.drop_spans("not_sampled", 1),
+        }
+    }
+
+    /// A slow execution whose text was cut at `track_activity_query_size`, leaving no
+    /// trace context: a `traceparent` comment at the end of a long query is lost. Counted
+    /// (`pgvigil_spans_context_truncated_total`); the first one per target is logged with
+    /// the fix.
+    fn context_cut(&self) {
+        let mut first = false;
+        self.store.update_target(&self.target.name, |h| {
+            let counts = h.spans.get_or_insert_with(Default::default);
+            first = counts.context_truncated == 0;
+            counts.context_truncated += 1;
+        });
+        if first {
+            tracing::warn!(
+                target = %self.target.name,
+                "a slow query's text was cut at track_activity_query_size and carried no trace \
+                 context: sqlcommenter puts traceparent at the end of the SQL, so long queries \
+                 lose their parent span. Raise track_activity_query_size (e.g. to 4096 or more; \
+                 needs a server restart). Counted in pgvigil_spans_context_truncated_total; \
+                 logged once per target"
+            );
         }
     }
 }
@@ -423,6 +450,8 @@ fn decode(rows: &[tokio_postgres::Row]) -> Result<Sample, PgError> {
         if backend_type != "client backend" {
             continue;
         }
+        let query: String = r.try_get("query").map_err(bad)?;
+        let size = activity::query_size_bytes(r.try_get("query_size").map_err(bad)?);
         sample.observations.push(Observation {
             pid,
             datname,
@@ -437,7 +466,8 @@ fn decode(rows: &[tokio_postgres::Row]) -> Result<Sample, PgError> {
             blocking_pids: r
                 .try_get::<_, Vec<i32>>("blocking_pids")
                 .unwrap_or_default(),
-            query: r.try_get("query").map_err(bad)?,
+            query_cut: activity::is_cut(&query, size),
+            query,
         });
     }
     Ok(sample)
