@@ -121,11 +121,20 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
         "Slow-query spans not delivered, by reason (queue_full, export_failed, not_sampled).",
         MetricType::Counter,
     );
+    let mut truncated = family(
+        "pgvigil_spans_context_truncated_total",
+        "Slow executions whose SQL text was cut at track_activity_query_size with no trace context left in it (raise track_activity_query_size).",
+        MetricType::Counter,
+    );
     for h in targets.values() {
         let Some(spans) = &h.spans else { continue };
         exported.samples.push(Sample {
             labels: h.labels.clone(),
             value: spans.exported as f64,
+        });
+        truncated.samples.push(Sample {
+            labels: h.labels.clone(),
+            value: spans.context_truncated as f64,
         });
         for (reason, n) in &spans.dropped {
             let mut l = h.labels.clone();
@@ -165,7 +174,7 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
     });
     vec![
         up, duration, errors, skipped, series, success, behind, oldest, exported, dropped,
-        reload_ok, reload_at, build,
+        truncated, reload_ok, reload_at, build,
     ]
 }
 

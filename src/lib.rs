@@ -10,7 +10,8 @@
 //!                                      ▼
 //!                                    store ──► exposition (+ health) ──► http (/metrics)
 //!
-//! trace::activity sampler ──(postgres::slot)──► pg_stat_activity ──► trace spans ──► OTLP
+//! trace sampler ──(postgres::slot)──► pg_stat_activity ─┬─► trace::load (DB load) ──► store
+//!                                                        └─► trace spans ──► OTLP
 //! ```
 //!
 //! - [`config`]: the YAML config file, environment overrides, file:line errors.
@@ -32,7 +33,11 @@
 //! - [`exposition`]: snapshots → Prometheus text 0.0.4 or OpenMetrics.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; never queries PostgreSQL; bounds slow
 //!   and idle connections and their number.
-//! - [`trace`]: the activity sampler, traceparent parsing, slow-query spans, OTLP export.
+//! - [`trace`]: the activity sampler (every `activity.sample_interval`, tracing on or off,
+//!   running the query of the `activity` collector in `queries/dbload.yaml`, which the
+//!   poller skips), DB load (`trace::load`: the sampler's rows → the pack's
+//!   `pg_activity_active_seconds_total`, stored like a collector's snapshot), traceparent
+//!   parsing, slow-query spans, OTLP export.
 //! - [`metric`]: the metric model every stage passes on (type, family, sample).
 //! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
 //! - [`yaml`]: YAML → typed values with file, line and field in every error.
@@ -89,7 +94,15 @@ pub fn pollers(
     catalog: &Catalog,
 ) -> Result<(Arc<Store>, Vec<Arc<TargetPoller>>), StartError> {
     let store = Store::new();
-    let collectors = Arc::new(catalog.collectors.clone());
+    // The activity sampler's collectors run on the sampler (trace::start), not here.
+    let collectors = Arc::new(
+        catalog
+            .collectors
+            .iter()
+            .filter(|c| c.run_by == collector::pack::RunBy::Poller)
+            .cloned()
+            .collect(),
+    );
     let pollers = config
         .resolve_targets(&process_env)?
         .into_iter()

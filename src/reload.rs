@@ -192,9 +192,17 @@ impl Running {
         catalog: &Catalog,
     ) -> Result<Summary, StartError> {
         let targets = config.resolve_targets(&process_env)?;
-        let tracing = trace::plan(&config.tracing, &config.collectors.defaults, &process_env)?;
+        let tracing = trace::plan(config, catalog, &process_env)?;
         let was_ready = self.started && self.store.ready();
-        let collectors = Arc::new(catalog.collectors.clone());
+        // The activity sampler's collectors run on the sampler, not in the poller.
+        let collectors = Arc::new(
+            catalog
+                .collectors
+                .iter()
+                .filter(|c| c.run_by == crate::collector::pack::RunBy::Poller)
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
         let names: Vec<&str> = catalog
             .collectors
             .iter()
@@ -266,9 +274,20 @@ impl Running {
                 }
             };
             let key = tracing.as_ref().map(|_| {
+                // Everything the sampler depends on: connection and labels, tracing,
+                // the activity section and the collector whose query it runs.
+                let sampler_defs: Vec<&CollectorDef> = catalog
+                    .collectors
+                    .iter()
+                    .filter(|c| c.run_by == crate::collector::pack::RunBy::ActivitySampler)
+                    .collect();
                 format!(
-                    "{} {:?} {:?}",
-                    running.spec.base, config.tracing, config.collectors.defaults
+                    "{} {:?} {:?} {:?} {:?}",
+                    running.spec.base,
+                    config.tracing,
+                    config.activity,
+                    config.collectors.defaults,
+                    sampler_defs
                 )
             });
             if running.sampler.as_ref().map(|s| &s.key) != key.as_ref() {

@@ -91,6 +91,9 @@ pub struct TargetHealth {
 pub struct SpanCounts {
     pub exported: u64,
     pub dropped: BTreeMap<&'static str, u64>,
+    /// Slow executions whose text was cut at `track_activity_query_size`, with no trace
+    /// context left in it.
+    pub context_truncated: u64,
 }
 
 /// The outcome of the last configuration load (at start or on `SIGHUP`).

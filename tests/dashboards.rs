@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 /// The dashboards that ship; each must exist.
-const EXPECTED: [&str; 3] = [
+const EXPECTED: [&str; 4] = [
     "pgvigil-overview.json",
     "pgvigil-queries.json",
     "pgvigil-locks-indexes.json",
+    "pgvigil-db-load.json",
 ];
 
 /// Every `dashboards/*.json`, parsed, by file name.

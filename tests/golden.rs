@@ -23,12 +23,15 @@ use pgvigil::store::Snapshot;
 use serde_yaml_ng::Value;
 
 /// Collectors whose rows are written by hand, because a short recording on one primary
-/// cannot catch them (an index build or a vacuum in progress over several polls; standbys).
+/// cannot catch them (an index build or a vacuum in progress over several polls;
+/// standbys), or because the rows the metrics map are not the query's (`activity`: the
+/// sampler's running totals, src/trace/load.rs).
 const HAND_WRITTEN: &[&str] = &[
     "create_index_progress",
     "vacuum_progress",
     "replication",
     "standby",
+    "activity",
 ];
 
 /// Polls are this far apart (the steps that use time see it).

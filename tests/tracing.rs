@@ -14,7 +14,7 @@ use common::*;
 
 fn tracing_config(dsn: &str, otlp: SocketAddr, extra: &str) -> String {
     format!(
-        "{}tracing:\n  otlp_endpoint: http://{otlp}\n  sample_interval: 200ms\n  slow_query_threshold: 500ms\n{extra}",
+        "{}activity:\n  sample_interval: 200ms\ntracing:\n  otlp_endpoint: http://{otlp}\n  slow_query_threshold: 500ms\n{extra}",
         one_target(dsn, "")
     )
 }
@@ -108,8 +108,11 @@ fn sampler_reads_activity_read_only_with_a_statement_timeout() {
             let own = || entries.iter().filter(|(p, _)| *p == pid);
             let read_only =
                 own().any(|(_, t)| t.contains("SET default_transaction_read_only = on"));
-            let samples =
-                own().any(|(_, t)| t.contains("AND coalesce(application_name, '') <> $1"));
+            let samples = own().any(|(_, t)| {
+                t.contains(
+                    "AND coalesce(application_name, '') <> current_setting('application_name')",
+                )
+            });
             if read_only && samples {
                 return;
             }
@@ -264,4 +267,31 @@ fn wait_for_exported(listen: SocketAddr) -> f64 {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A long query whose `traceparent` comment falls beyond `track_activity_query_size`: the
+/// span comes without a parent, and the loss is counted per target.
+#[test]
+fn context_cut_at_track_activity_query_size_is_counted() {
+    let pg = cluster(&[("track_activity_query_size", "100")]);
+    let addr = free_addr();
+    let recv = OtlpReceiver::start(addr);
+    let run = start(config(&tracing_config(&pg.dsn(), addr, "")));
+    std::thread::sleep(Duration::from_millis(600));
+    let padding = "x".repeat(120);
+    pg.psql(
+        "postgres",
+        &format!("SELECT pg_sleep(0.8), '{padding}' /*traceparent='00-{T}-{S}-01'*/"),
+    )
+    .unwrap();
+    let spans = recv.wait_for("the slow span", |s| !s.is_empty());
+    assert_eq!(
+        hex(&spans[0].span.parent_span_id),
+        "",
+        "the context was cut off"
+    );
+    let n = wait_for(&run, Duration::from_secs(10), "the truncation count", |s| {
+        value(s, "pgvigil_spans_context_truncated_total", &[]).filter(|v| *v >= 1.0)
+    });
+    assert_eq!(n, 1.0);
 }

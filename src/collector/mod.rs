@@ -64,12 +64,18 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
             Scope::Cluster => "cluster",
             Scope::Database => "database",
         };
+        let every = match c.run_by {
+            pack::RunBy::Poller => c.interval.unwrap_or(d.interval).to_string(),
+            pack::RunBy::ActivitySampler => {
+                format!("{} (activity sampler)", config.activity.interval())
+            }
+        };
         let _ = writeln!(
             out,
             "  {} [{}] every {}, timeout {}, {} metrics, from {}",
             c.name,
             scope,
-            c.interval.unwrap_or(d.interval),
+            every,
             c.timeout.unwrap_or(d.timeout),
             c.metrics.0.len(),
             c.source.display()

@@ -49,6 +49,10 @@ pub const BUILTIN_PACKS: &[(&str, &str)] = &[
         "queries/replication.yaml",
         include_str!("../../queries/replication.yaml"),
     ),
+    (
+        "queries/dbload.yaml",
+        include_str!("../../queries/dbload.yaml"),
+    ),
 ];
 
 /// Errors while loading packs.
@@ -116,6 +120,10 @@ pub struct CollectorDef {
     /// top-N, estimates across polls). Built-in names only.
     #[serde(default)]
     pub processor: Option<ProcessorKind>,
+    /// Who runs the query: the poller on `interval` (default), or the activity sampler
+    /// on `activity.sample_interval` (`run_by: activity_sampler`, see `trace::load`).
+    #[serde(default)]
+    pub run_by: RunBy,
     /// Which file this came from (for messages); set after parsing.
     #[serde(skip)]
     pub source: PathBuf,
@@ -198,6 +206,18 @@ pub struct RelationName {
 
 fn yes() -> bool {
     true
+}
+
+/// Who runs a collector's query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunBy {
+    /// The target's poller, every `interval`.
+    #[default]
+    Poller,
+    /// The target's activity sampler, every `activity.sample_interval`; its rows become
+    /// the metrics' rows in Rust (`trace::load`).
+    ActivitySampler,
 }
 
 fn default_scope() -> Scope {

@@ -10,6 +10,13 @@
 //!   the first sample that no longer saw it. (The last sample that saw it active would be
 //!   a lower bound instead; a span that is slightly too long is less misleading than one
 //!   shorter than the query really ran, and it keeps `duration >= threshold` honest.)
+//!
+//! An execution that started and finished between two samples is never seen running. It
+//! is still found when its backend is next seen idle: a `query_start` not accounted for
+//! before, with a `state_change` after the previous sample; its end is that
+//! `state_change`, exact. What no sample can show is an execution followed at once by
+//! another one on the same backend, both between two samples: hence a sample interval no
+//! longer than the slow-query threshold (README, "Slow queries as spans").
 
 use std::collections::{HashMap, HashSet};
 
@@ -28,6 +35,31 @@ pub struct Observation {
     pub wait_event: String,
     pub blocking_pids: Vec<i32>,
     pub query: String,
+    /// `query` was cut at `track_activity_query_size` (see [`is_cut`]).
+    pub query_cut: bool,
+}
+
+/// `track_activity_query_size` as `current_setting()` shows it (`1kB`, `100B`, `4MB`) →
+/// bytes; 0 when unreadable (nothing is then taken as cut). Parsed here because reading
+/// the raw number from `pg_settings` costs the sample ten times more.
+pub fn query_size_bytes(setting: &str) -> i32 {
+    let s = setting.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: i64 = s[..digits].parse().unwrap_or(0);
+    let unit = match s[digits..].trim() {
+        "" | "B" => 1,
+        "kB" => 1024,
+        "MB" => 1024 * 1024,
+        _ => 0,
+    };
+    i32::try_from(n * unit).unwrap_or(0)
+}
+
+/// Whether `pg_stat_activity.query` was cut at `track_activity_query_size`: the server
+/// keeps at most `size - 1` bytes, cut on a character boundary, so a text within 3 bytes
+/// of that is taken as cut (a query of exactly that length is rare enough).
+pub fn is_cut(query: &str, size: i32) -> bool {
+    size > 0 && query.len() + 4 > size as usize
 }
 
 /// A wait seen while the execution ran.
@@ -49,6 +81,8 @@ pub struct Execution {
     pub application_name: String,
     pub client_addr: String,
     pub query: String,
+    /// `query` was cut at `track_activity_query_size`.
+    pub query_cut: bool,
     pub query_start: f64,
     /// Last sample time it was seen active.
     pub last_active: f64,
@@ -76,10 +110,22 @@ impl Ended {
 #[derive(Debug, Default)]
 pub struct Tracker {
     running: HashMap<i32, Execution>,
+    /// Per backend, the `query_start` of the last execution already accounted for
+    /// (followed while running, or found finished), so a backend that stays idle is not
+    /// reported again at every sample.
+    known: HashMap<i32, f64>,
+    /// Server time of the previous sample; `None` before the first.
+    prev_now: Option<f64>,
 }
 
 fn is_active(state: &str) -> bool {
     state == "active" || state == "fastpath function call"
+}
+
+/// `idle`, `idle in transaction`, `idle in transaction (aborted)`: the last statement
+/// ended at `state_change`.
+fn is_idle(state: &str) -> bool {
+    state.starts_with("idle")
 }
 
 impl Tracker {
@@ -126,20 +172,19 @@ impl Tracker {
                     still_running: false,
                 });
             }
-            if let (true, Some(start)) = (is_active(&row.state), row.query_start) {
-                let mut e = Execution {
-                    pid: row.pid,
-                    datname: row.datname.clone(),
-                    usename: row.usename.clone(),
-                    application_name: row.application_name.clone(),
-                    client_addr: row.client_addr.clone(),
-                    query: row.query.clone(),
-                    query_start: start,
-                    last_active: now,
-                    waits: Vec::new(),
-                };
+            let Some(start) = row.query_start else {
+                continue;
+            };
+            if is_active(&row.state) {
+                let mut e = execution_of(row, start, now);
                 record_wait(&mut e, row, now);
                 self.running.insert(row.pid, e);
+                self.known.insert(row.pid, start);
+            } else if is_idle(&row.state) {
+                if let Some(e) = self.finished_unseen(row, start) {
+                    ended.push(e);
+                }
+                self.known.insert(row.pid, start);
             }
         }
         let gone: Vec<i32> = self
@@ -160,7 +205,29 @@ impl Tracker {
                 });
             }
         }
+        self.known.retain(|pid, _| seen.contains(pid));
+        self.prev_now = Some(now);
         ended
+    }
+
+    /// An execution that started and finished between the previous sample and this one,
+    /// found on an idle backend: a `query_start` not accounted for yet, and a
+    /// `state_change` after the previous sample. Its end is exact. Nothing is found at
+    /// the first sample, whose idle backends may have finished long ago.
+    fn finished_unseen(&self, row: &Observation, start: f64) -> Option<Ended> {
+        let prev = self.prev_now?;
+        let end = row.state_change?;
+        if self.known.get(&row.pid) == Some(&start) || end < prev || end < start {
+            return None;
+        }
+        let mut execution = execution_of(row, start, end);
+        execution.last_active = end;
+        Some(Ended {
+            execution,
+            end,
+            exact: true,
+            still_running: false,
+        })
     }
 
     /// Everything still running, ended at its last sighting (for shutdown: it has run at
@@ -175,6 +242,21 @@ impl Tracker {
                 still_running: true,
             })
             .collect()
+    }
+}
+
+fn execution_of(row: &Observation, start: f64, now: f64) -> Execution {
+    Execution {
+        pid: row.pid,
+        datname: row.datname.clone(),
+        usename: row.usename.clone(),
+        application_name: row.application_name.clone(),
+        client_addr: row.client_addr.clone(),
+        query: row.query.clone(),
+        query_cut: row.query_cut,
+        query_start: start,
+        last_active: now,
+        waits: Vec::new(),
     }
 }
 
@@ -275,9 +357,61 @@ mod tests {
     }
 
     #[test]
+    fn a_text_at_the_size_limit_is_cut() {
+        assert!(is_cut(&"x".repeat(1023), 1024));
+        assert!(
+            is_cut(&"x".repeat(1021), 1024),
+            "a multi-byte character cut off"
+        );
+        assert!(!is_cut(&"x".repeat(1000), 1024));
+        assert!(!is_cut("SELECT 1", 0));
+        assert_eq!(query_size_bytes("1kB"), 1024);
+        assert_eq!(query_size_bytes("100B"), 100);
+        assert_eq!(query_size_bytes("1MB"), 1 << 20);
+        assert_eq!(query_size_bytes("lots"), 0);
+    }
+
+    #[test]
     fn idle_sessions_are_not_executions() {
         let mut t = Tracker::default();
         assert!(t.observe(&[row(1, 100.0, "idle", 100.1)], 101.0).is_empty());
+        assert!(t.observe(&[row(1, 100.0, "idle", 100.1)], 102.0).is_empty());
         assert_eq!(t.running(), 0);
+    }
+
+    #[test]
+    fn an_execution_that_finished_between_samples_is_found_idle_exactly_once() {
+        let mut t = Tracker::default();
+        assert!(t.observe(&[row(1, 90.0, "idle", 95.0)], 100.0).is_empty());
+        // Ran 100.2 .. 100.9 unseen; found idle at 101.
+        let e = t.observe(&[row(1, 100.2, "idle", 100.9)], 101.0);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].exact);
+        assert!((e[0].duration() - 0.7).abs() < 1e-9);
+        assert!(t.observe(&[row(1, 100.2, "idle", 100.9)], 102.0).is_empty());
+        // A backend that connected since the last sample, ran a query and went idle.
+        let e = t.observe(
+            &[
+                row(1, 100.2, "idle", 100.9),
+                row(2, 102.1, "idle in transaction", 102.8),
+            ],
+            103.0,
+        );
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].execution.pid, 2);
+    }
+
+    #[test]
+    fn followed_then_next_query_finished_unseen_gives_both() {
+        let mut t = Tracker::default();
+        t.observe(&[row(1, 100.0, "active", 100.0)], 100.5);
+        // q1 ended at 100.8, q2 ran 100.8 .. 101.6 unseen, backend idle at 102.
+        let e = t.observe(&[row(1, 100.8, "idle", 101.6)], 102.0);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].end, 100.8);
+        assert!(!e[0].exact);
+        assert_eq!(e[1].execution.query_start, 100.8);
+        assert_eq!(e[1].end, 101.6);
+        assert!(e[1].exact);
     }
 }

@@ -1,27 +1,37 @@
-//! Slow-query spans: per target, an activity sampler reads `pg_stat_activity` every
-//! `tracing.sample_interval` on its own session (a [`Slot`], with the same read-only,
-//! time-limited settings and reconnect backoff as the collectors'), follows each execution
-//! ([`activity`]), turns the slow ones into spans ([`span`]) parented by the
-//! application's `traceparent` ([`context`]), and queues them for OTLP export ([`export`]).
-//! Sampling never waits on the exporter; nothing here touches the collectors.
+//! The activity sampler: per target, it reads `pg_stat_activity` every
+//! `activity.sample_interval` on its own session (a [`Slot`], with the same read-only,
+//! time-limited settings and reconnect backoff as the collectors'), whether or not tracing
+//! is on. Each sample feeds two things:
+//! - DB load ([`load`]): `pg_activity_active_seconds_total`, declared by the `activity`
+//!   collector of `queries/dbload.yaml` (whose query is the sampler's read) and stored
+//!   under (target, `activity`, "") like a collector's snapshot, with its errors and
+//!   duration in the collector self-metrics;
+//! - slow-query spans, when tracing is on: it follows each execution ([`activity`]),
+//!   turns the slow ones into spans ([`span`]) parented by the application's
+//!   `traceparent` ([`context`]), and queues them for OTLP export ([`export`]).
+//!
+//! Sampling never waits on the exporter; nothing here touches the pollers.
 
 pub mod activity;
 pub mod context;
 pub mod export;
+pub mod load;
 pub mod span;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
 use tokio::sync::watch;
 
-use crate::config::{CollectorDefaults, OtlpProtocol, Target, TracingConfig};
-use crate::postgres::dsn;
+use crate::collector::pack::{Catalog, CollectorDef, RunBy};
+use crate::config::{CollectorDefaults, Config, OtlpProtocol, Target, TracingConfig};
 use crate::postgres::slot::Slot;
-use crate::store::Store;
+use crate::postgres::{dsn, ErrorKind, PgError};
+use crate::store::{Snapshot, Store};
 use activity::{Observation, Tracker};
+use load::{Active, Load, TopN};
 
 /// Errors that stop tracing from starting (the rest of pgvigil would still run).
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +39,7 @@ use activity::{Observation, Tracker};
 pub struct TraceError(String);
 
 /// The running samplers and exporters; [`Tracing::finish`] waits for the last spans.
+/// Empty when there is nothing to sample.
 pub struct Tracing {
     handles: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -75,25 +86,51 @@ pub fn endpoint(
     }))
 }
 
-/// Tracing as configured: where spans go, under which service name, how activity is
-/// sampled. [`Plan::start`] starts one target's sampler and exporter, so a reload can
-/// keep the samplers of unchanged targets running.
+/// The name under which the sampler's health and snapshot are kept: the collector of
+/// `queries/dbload.yaml` whose query it runs.
+pub const COLLECTOR: &str = "activity";
+
+/// The activity sampler as configured: its query (the `activity` collector), whether it
+/// feeds DB load, and where spans go when tracing is on. [`Plan::start`] starts one
+/// target's sampler (and exporter), so a reload can keep the samplers of unchanged targets
+/// running.
 pub struct Plan {
-    endpoint: export::Endpoint,
+    endpoint: Option<export::Endpoint>,
     service: String,
     cfg: TracingConfig,
     collectors: CollectorDefaults,
+    every: Duration,
+    def: Arc<CollectorDef>,
+    load_on: bool,
 }
 
-/// The tracing plan, or `None` when tracing is off.
-/// `collectors` bounds the sampler's query like a collector's (see [`sample_timeout`]).
+/// The sampler's plan, or `None` when it has nothing to feed: neither DB load (the
+/// `activity` collector disabled) nor spans (no OTLP endpoint). Its query is bounded
+/// like a collector's (see [`sample_timeout`]).
 pub fn plan(
-    cfg: &TracingConfig,
-    collectors: &CollectorDefaults,
+    config: &Config,
+    catalog: &Catalog,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<Plan>, TraceError> {
-    let Some(endpoint) = endpoint(cfg, env)? else {
+    let cfg = &config.tracing;
+    let endpoint = endpoint(cfg, env)?;
+    let def = catalog
+        .collectors
+        .iter()
+        .find(|c| c.run_by == RunBy::ActivitySampler)
+        .cloned()
+        .or_else(|| builtin_activity().cloned());
+    let load_on = catalog
+        .collectors
+        .iter()
+        .any(|c| c.run_by == RunBy::ActivitySampler);
+    if endpoint.is_none() && !load_on {
         return Ok(None);
+    }
+    let Some(def) = def else {
+        return Err(TraceError(
+            "no collector with run_by: activity_sampler holds the sampler's query".into(),
+        ));
     };
     let service = cfg
         .service_name
@@ -104,25 +141,41 @@ pub fn plan(
         endpoint,
         service,
         cfg: cfg.clone(),
-        collectors: *collectors,
+        collectors: config.collectors.defaults,
+        every: config.activity.interval().0,
+        def: Arc::new(def),
+        load_on,
     }))
 }
 
 impl Plan {
     /// What this plan does, for the log.
     pub fn describe(&self) -> String {
-        format!(
-            "tracing: slow-query spans (>= {}) to {} over {:?}",
-            self.cfg.slow_query_threshold,
-            self.endpoint
-                .url
-                .as_deref()
-                .unwrap_or("the OTEL_EXPORTER_OTLP_* endpoint"),
-            self.endpoint.protocol
-        )
+        let load = if self.load_on {
+            "on"
+        } else {
+            "off: collector activity disabled"
+        };
+        let mut text = format!(
+            "activity sampler every {:?} per target (DB load {load})",
+            self.every
+        );
+        if let Some(endpoint) = &self.endpoint {
+            text.push_str(&format!(
+                "; tracing: slow-query spans (>= {}) to {} over {:?}",
+                self.cfg.slow_query_threshold,
+                endpoint
+                    .url
+                    .as_deref()
+                    .unwrap_or("the OTEL_EXPORTER_OTLP_* endpoint"),
+                endpoint.protocol
+            ));
+        }
+        text
     }
 
-    /// Starts a sampler and an exporter for `t`; they stop when `shutdown` turns true.
+    /// Starts a sampler (and, with tracing on, an exporter) for `t`; they stop when
+    /// `shutdown` turns true.
     pub fn start(
         &self,
         t: &Target,
@@ -130,22 +183,29 @@ impl Plan {
         shutdown: watch::Receiver<bool>,
     ) -> Result<Tracing, TraceError> {
         let cfg = &self.cfg;
-        // Resource::builder() applies OTEL_RESOURCE_ATTRIBUTES; the target is added.
-        let resource = Resource::builder()
-            .with_service_name(self.service.clone())
-            .with_attributes(
-                std::iter::once(KeyValue::new("pgvigil.target", t.name.clone())).chain(
-                    t.labels
-                        .iter()
-                        .skip(1)
-                        .map(|(k, v)| KeyValue::new(format!("pgvigil.label.{k}"), v.clone())),
-                ),
-            )
-            .build();
-        let exporter = export::build_exporter(&self.endpoint, &resource).map_err(TraceError)?;
-        let (queue, drain) =
-            export::start(exporter, cfg.queue_size, Arc::clone(store), t.name.clone());
-        let every = cfg.sample_interval.0;
+        let every = self.every;
+        let mut handles = Vec::new();
+        let queue = match &self.endpoint {
+            Some(endpoint) => {
+                // Resource::builder() applies OTEL_RESOURCE_ATTRIBUTES; the target is added.
+                let resource = Resource::builder()
+                    .with_service_name(self.service.clone())
+                    .with_attributes(
+                        std::iter::once(KeyValue::new("pgvigil.target", t.name.clone())).chain(
+                            t.labels.iter().skip(1).map(|(k, v)| {
+                                KeyValue::new(format!("pgvigil.label.{k}"), v.clone())
+                            }),
+                        ),
+                    )
+                    .build();
+                let exporter = export::build_exporter(endpoint, &resource).map_err(TraceError)?;
+                let (queue, drain) =
+                    export::start(exporter, cfg.queue_size, Arc::clone(store), t.name.clone());
+                handles.push(drain);
+                Some(queue)
+            }
+            None => None,
+        };
         let (address, port) = dsn::server(&t.pg.0);
         let sampler = Sampler {
             target: t.clone(),
@@ -157,12 +217,33 @@ impl Plan {
             every,
             queue,
             server: span::Server { address, port },
+            def: Arc::clone(&self.def),
+            load_on: self.load_on,
+            store: Arc::clone(store),
+            base_labels: t
+                .labels
+                .iter()
+                .map(|(k, v)| (Arc::from(k.as_str()), v.clone()))
+                .collect(),
         };
-        let sampling = tokio::spawn(sampler.run(shutdown));
-        Ok(Tracing {
-            handles: vec![drain, sampling],
-        })
+        handles.push(tokio::spawn(sampler.run(shutdown)));
+        Ok(Tracing { handles })
     }
+}
+
+/// The built-in `activity` collector, for its query when DB load is disabled but spans
+/// are on.
+fn builtin_activity() -> Option<&'static CollectorDef> {
+    static BUILTIN: std::sync::OnceLock<Option<CollectorDef>> = std::sync::OnceLock::new();
+    BUILTIN
+        .get_or_init(|| {
+            Catalog::load(&Default::default())
+                .ok()?
+                .collectors
+                .into_iter()
+                .find(|c| c.run_by == RunBy::ActivitySampler)
+        })
+        .as_ref()
 }
 
 /// The `statement_timeout` of the sampler's `pg_stat_activity` read: the sample interval,
@@ -186,83 +267,73 @@ struct Sampler {
     lock_timeout: Duration,
     threshold: f64,
     every: Duration,
-    queue: export::Queue,
+    /// Where slow executions go; `None` when tracing is off.
+    queue: Option<export::Queue>,
     server: span::Server,
+    /// The `activity` collector: the query (by server version) and the load metric.
+    def: Arc<CollectorDef>,
+    /// DB load is exported (the collector is not disabled).
+    load_on: bool,
+    store: Arc<Store>,
+    base_labels: Vec<(Arc<str>, String)>,
 }
 
-/// Client backends other than pgvigil's own sessions. `pg_blocking_pids` only for lock
-/// waits: it is not free.
-const ACTIVITY_SQL: &str = "\
-SELECT pid, coalesce(datname::text, ''), coalesce(usename::text, ''),
-       coalesce(application_name, ''), coalesce(host(client_addr), ''),
-       extract(epoch FROM query_start)::float8, coalesce(state, ''),
-       extract(epoch FROM state_change)::float8,
-       coalesce(wait_event_type, ''), coalesce(wait_event, ''),
-       CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) ELSE '{}'::int4[] END,
-       coalesce(query, ''), extract(epoch FROM clock_timestamp())::float8
-FROM pg_stat_activity
-WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
-  AND coalesce(application_name, '') <> $1";
+/// One sample's rows, decoded.
+struct Sample {
+    observations: Vec<Observation>,
+    active: Vec<Active>,
+    /// Server time of the sample, when any row carried it.
+    now: Option<f64>,
+}
 
 impl Sampler {
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut tracker = Tracker::default();
+        let mut load = Load::default();
+        let mut top = TopN::default();
+        // The last failure logged, and when: the same one is logged again after 5 minutes.
+        let mut logged: Option<(String, Instant)> = None;
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let own_app = self
-            .target
-            .pg
-            .0
-            .get_application_name()
-            .unwrap_or("pgvigil")
-            .to_string();
+        let statements = (
+            self.target.name.clone(),
+            "statements".to_string(),
+            String::new(),
+        );
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => break,
             }
-            // The slot logs connection failures and backs off; a sample is skipped meanwhile.
-            let Ok(mut session) = self.slot.acquire().await else {
-                continue;
-            };
-            let rows = session
-                .query_params(ACTIVITY_SQL, &[&own_app], self.timeout, self.lock_timeout)
-                .await;
-            drop(session);
-            let rows = match rows {
-                Ok(rows) => rows,
+            let started = Instant::now();
+            let sample = match self.sample().await {
+                Ok(s) => s,
                 Err(e) => {
-                    // A broken connection is already marked; the next tick reconnects.
-                    tracing::debug!(target = %self.target.name, "activity sample failed: {e}");
+                    self.record(Some(&e), started.elapsed(), &mut logged);
                     continue;
                 }
             };
-            let mut now = None;
-            let observations: Vec<Observation> = rows
-                .iter()
-                .filter_map(|r| {
-                    now = r.try_get::<_, Option<f64>>(12).ok().flatten().or(now);
-                    Some(Observation {
-                        pid: r.try_get(0).ok()?,
-                        datname: r.try_get(1).ok()?,
-                        usename: r.try_get(2).ok()?,
-                        application_name: r.try_get(3).ok()?,
-                        client_addr: r.try_get(4).ok()?,
-                        query_start: r.try_get(5).ok()?,
-                        state: r.try_get(6).ok()?,
-                        state_change: r.try_get(7).ok()?,
-                        wait_event_type: r.try_get(8).ok()?,
-                        wait_event: r.try_get(9).ok()?,
-                        blocking_pids: r.try_get::<_, Vec<i32>>(10).unwrap_or_default(),
-                        query: r.try_get(11).ok()?,
-                    })
-                })
-                .collect();
+            if self.load_on {
+                top.update(self.store.get(&statements));
+                load.sample(&sample.active, Instant::now(), self.every, &top);
+                match load.families(&self.def, &self.base_labels) {
+                    Ok(families) => self.store.put(self.key(), Snapshot { families }),
+                    Err(e) => {
+                        self.record(Some(&e), started.elapsed(), &mut logged);
+                        continue;
+                    }
+                }
+            }
+            self.record(None, started.elapsed(), &mut logged);
+            if self.queue.is_none() {
+                continue;
+            }
             // With no other backend there is no row to read the server clock from; local
             // time is as good for ending executions that vanished.
-            let now =
-                now.unwrap_or_else(|| crate::store::unix_seconds(std::time::SystemTime::now()));
-            for ended in tracker.observe(&observations, now) {
+            let now = sample
+                .now
+                .unwrap_or_else(|| crate::store::unix_seconds(SystemTime::now()));
+            for ended in tracker.observe(&sample.observations, now) {
                 self.emit(&ended);
             }
         }
@@ -271,17 +342,169 @@ impl Sampler {
         }
     }
 
+    fn key(&self) -> (String, String, String) {
+        (
+            self.target.name.clone(),
+            COLLECTOR.to_string(),
+            String::new(),
+        )
+    }
+
+    /// Reads `pg_stat_activity` once with the collector's query for this server.
+    async fn sample(&self) -> Result<Sample, PgError> {
+        // The slot logs connection failures and backs off; a sample fails fast meanwhile.
+        let mut session = self.slot.acquire().await?;
+        let version = session.info().version_num;
+        let Some(variant) = self.def.queries.resolve(version) else {
+            return Err(PgError::new(
+                ErrorKind::Query,
+                format!("collector {COLLECTOR}: no query variant for server version {version}"),
+            ));
+        };
+        // A broken connection is marked by the slot; the next tick reconnects.
+        let rows = session
+            .query(&variant.sql, self.timeout, self.lock_timeout)
+            .await?;
+        drop(session);
+        decode(&rows)
+    }
+
+    /// The sampler's health, as a collector's: duration, errors by kind, last success;
+    /// a failure is logged when it changes or every 5 minutes (connection failures are
+    /// logged by the slot).
+    fn record(
+        &self,
+        error: Option<&PgError>,
+        took: Duration,
+        logged: &mut Option<(String, Instant)>,
+    ) {
+        match error {
+            Some(e) if e.kind != ErrorKind::Connect => {
+                let repeat = logged.as_ref().is_some_and(|(m, at)| {
+                    *m == e.message && at.elapsed() < Duration::from_secs(300)
+                });
+                if !repeat {
+                    tracing::warn!(target = %self.target.name, collector = COLLECTOR, kind = e.kind.as_str(), "activity sample failed: {}", e.message);
+                    *logged = Some((e.message.clone(), Instant::now()));
+                }
+            }
+            Some(_) => {}
+            None => {
+                if logged.take().is_some() {
+                    tracing::info!(target = %self.target.name, collector = COLLECTOR, "activity sampler recovered");
+                }
+            }
+        }
+        self.store.update_target(&self.target.name, |h| {
+            let c = h.collectors.entry(COLLECTOR.to_string()).or_default();
+            c.last_duration = Some(took);
+            match error {
+                Some(e) => *c.errors.entry(e.kind).or_default() += 1,
+                None => c.last_success = Some(SystemTime::now()),
+            }
+        });
+    }
+
     fn emit(&self, ended: &activity::Ended) {
+        let Some(queue) = &self.queue else { return };
         // Still-running executions at shutdown count from their start to their last
         // sighting, like any other.
         if ended.duration() < self.threshold {
             return;
         }
+        let x = &ended.execution;
+        if x.query_cut && context::parent_of(&x.query, &x.application_name).is_none() {
+            self.context_cut();
+        }
         match span::build(ended, &self.server) {
-            Some(s) => self.queue.push(s),
-            None => self.queue.drop_spans("not_sampled", 1),
+            Some(s) => queue.push(s),
+            None => queue.drop_spans("not_sampled", 1),
         }
     }
+
+    /// A slow execution whose text was cut at `track_activity_query_size`, leaving no
+    /// trace context: a `traceparent` comment at the end of a long query is lost. Counted
+    /// (`pgvigil_spans_context_truncated_total`); the first one per target is logged with
+    /// the fix.
+    fn context_cut(&self) {
+        let mut first = false;
+        self.store.update_target(&self.target.name, |h| {
+            let counts = h.spans.get_or_insert_with(Default::default);
+            first = counts.context_truncated == 0;
+            counts.context_truncated += 1;
+        });
+        if first {
+            tracing::warn!(
+                target = %self.target.name,
+                "a slow query's text was cut at track_activity_query_size and carried no trace \
+                 context: sqlcommenter puts traceparent at the end of the SQL, so long queries \
+                 lose their parent span. Raise track_activity_query_size (e.g. to 4096 or more; \
+                 needs a server restart). Counted in pgvigil_spans_context_truncated_total; \
+                 logged once per target"
+            );
+        }
+    }
+}
+
+/// The sampler's rows → observations (client backends, for spans) and active sessions
+/// (client backends and parallel workers, for DB load). Columns are read by name, as the
+/// `activity` collector's query names them.
+fn decode(rows: &[tokio_postgres::Row]) -> Result<Sample, PgError> {
+    let bad = |e: tokio_postgres::Error| {
+        PgError::new(ErrorKind::Decode, format!("collector {COLLECTOR}: {e}"))
+    };
+    let mut sample = Sample {
+        observations: Vec::with_capacity(rows.len()),
+        active: Vec::with_capacity(rows.len()),
+        now: None,
+    };
+    for r in rows {
+        sample.now = r
+            .try_get::<_, Option<f64>>("now")
+            .map_err(bad)?
+            .or(sample.now);
+        let pid: i32 = r.try_get("pid").map_err(bad)?;
+        let state: String = r.try_get("state").map_err(bad)?;
+        let leader_pid: Option<i32> = r.try_get("leader_pid").map_err(bad)?;
+        let datname: String = r.try_get("datname").map_err(bad)?;
+        let usename: String = r.try_get("usename").map_err(bad)?;
+        let wait_event_type: String = r.try_get("wait_event_type").map_err(bad)?;
+        let wait_event: String = r.try_get("wait_event").map_err(bad)?;
+        let backend_type: String = r.try_get("backend_type").map_err(bad)?;
+        sample.active.push(Active {
+            pid,
+            leader_pid,
+            datname: datname.clone(),
+            usename: usename.clone(),
+            state: state.clone(),
+            wait_event_type: wait_event_type.clone(),
+            wait_event: wait_event.clone(),
+            queryid: r.try_get("queryid").map_err(bad)?,
+        });
+        if backend_type != "client backend" {
+            continue;
+        }
+        let query: String = r.try_get("query").map_err(bad)?;
+        let size = activity::query_size_bytes(r.try_get("query_size").map_err(bad)?);
+        sample.observations.push(Observation {
+            pid,
+            datname,
+            usename,
+            application_name: r.try_get("application_name").map_err(bad)?,
+            client_addr: r.try_get("client_addr").map_err(bad)?,
+            query_start: r.try_get("query_start").map_err(bad)?,
+            state,
+            state_change: r.try_get("state_change").map_err(bad)?,
+            wait_event_type,
+            wait_event,
+            blocking_pids: r
+                .try_get::<_, Vec<i32>>("blocking_pids")
+                .unwrap_or_default(),
+            query_cut: activity::is_cut(&query, size),
+            query,
+        });
+    }
+    Ok(sample)
 }
 
 #[cfg(test)]
