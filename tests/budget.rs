@@ -13,6 +13,10 @@ const DATABASES: usize = 120;
 /// Every collector's interval here; database visits are due this often.
 const INTERVAL_SECS: f64 = 10.0;
 
+/// The activity sampler's own session (DB load; always on), counted apart from the
+/// collectors' budget, as the README says.
+const SAMPLER: u32 = 1;
+
 /// pgvigil's sessions, as the server sees them (`application_name` defaults to `pgvigil`).
 const PGVIGIL_SESSIONS: &str =
     "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgvigil%'";
@@ -153,8 +157,8 @@ fn a_hundred_and_twenty_databases_stay_within_the_default_budget() {
         rounds.iter().cloned().fold(0.0, f64::max)
     );
     assert!(
-        max_sessions <= 3,
-        "pgvigil held {max_sessions} sessions, over its budget of 3"
+        max_sessions <= 3 + SAMPLER,
+        "pgvigil held {max_sessions} sessions, over its budget of 3 (+ the sampler)"
     );
     assert!(samples >= 40, "only {samples} samples");
     assert!(
@@ -189,7 +193,7 @@ fn a_hundred_and_twenty_databases_stay_within_the_default_budget() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(n <= 3, "{n} sessions");
+    assert!(n <= 3 + SAMPLER, "{n} sessions");
 }
 
 #[test]
@@ -228,7 +232,7 @@ fn a_budget_of_one_connection_still_visits_every_database() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert!(
-        max_sessions <= 1,
-        "{max_sessions} sessions with a budget of 1"
+        max_sessions <= 1 + SAMPLER,
+        "{max_sessions} sessions with a budget of 1 (+ the sampler)"
     );
 }
