@@ -157,12 +157,12 @@ const NO_DATA_REASONS: [(&str, &str, &str); 7] = [
     (
         "pgvigil-operations.json",
         "Standby lag (bytes)",
-        "needs a standby streaming from the server",
+        "needs a standby streaming from the server (pg_receivewal not in the bindir)",
     ),
     (
         "pgvigil-operations.json",
         "Standby lag (seconds)",
-        "needs a standby streaming from the server",
+        "needs a standby streaming from the server (pg_receivewal not in the bindir)",
     ),
     (
         "pgvigil-operations.json",
@@ -343,6 +343,9 @@ fn archiving_alert_fires_and_resolves_and_every_dashboard_panel_evaluates() {
 struct Workload {
     _sessions: Vec<Session>,
     _pending: Vec<Pending>,
+    /// `pg_receivewal` streaming through the slot: a walsender in pg_stat_replication
+    /// for the standby lag panels (absent if the bindir has no pg_receivewal).
+    _receiver: Option<(KillOnDrop, tempfile::TempDir)>,
 }
 
 impl Workload {
@@ -384,9 +387,23 @@ impl Workload {
         cursor.run("BEGIN; DECLARE c CURSOR FOR SELECT * FROM v; FETCH 1 FROM c");
         let vacuumer = Session::connect(&pg.dsn());
         let vacuuming = vacuumer.start("VACUUM (FREEZE) v");
+        let receivewal = pg.bindir().join("pg_receivewal");
+        let receiver = receivewal.is_file().then(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let child = Command::new(&receivewal)
+                .arg("-D")
+                .arg(dir.path())
+                .args(["-d", &pg.dsn(), "--slot=ops_slot", "--no-loop", "-s", "1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start pg_receivewal");
+            (KillOnDrop(child), dir)
+        });
         Workload {
             _sessions: vec![holder, waiter, builder, cursor, vacuumer],
             _pending: vec![waiting, building, vacuuming],
+            _receiver: receiver,
         }
     }
 }
