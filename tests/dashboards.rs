@@ -9,11 +9,12 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 /// The dashboards that ship; each must exist.
-const EXPECTED: [&str; 4] = [
+const EXPECTED: [&str; 5] = [
     "pgvigil-overview.json",
     "pgvigil-queries.json",
     "pgvigil-locks-indexes.json",
     "pgvigil-db-load.json",
+    "pgvigil-operations.json",
 ];
 
 /// Every `dashboards/*.json`, parsed, by file name.

@@ -65,13 +65,26 @@ pub struct Prometheus {
 impl Prometheus {
     /// Starts Prometheus on a free port with a fresh data directory, scraping `target`.
     pub fn start(target: SocketAddr) -> Prometheus {
+        Prometheus::start_with_rules(target, None)
+    }
+
+    /// Like [`Prometheus::start`], and evaluating the alerting/recording `rules` (the text
+    /// of a rule file, written next to the config) every second.
+    pub fn start_with_rules(target: SocketAddr, rules: Option<&str>) -> Prometheus {
         let prometheus = tool("prometheus");
         let dir = tempfile::tempdir().expect("tempdir");
+        let rule_files = match rules {
+            Some(text) => {
+                let path = write(dir.path(), "rules.yml", text);
+                format!("rule_files:\n  - \"{}\"\n", path.display())
+            }
+            None => String::new(),
+        };
         let config_file = write(
             dir.path(),
             "prometheus.yml",
             &format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: pgvigil\n    static_configs:\n      - targets: [\"{target}\"]\n"
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{rule_files}scrape_configs:\n  - job_name: pgvigil\n    static_configs:\n      - targets: [\"{target}\"]\n"
             ),
         );
         let data = dir.path().join("data");
@@ -134,6 +147,56 @@ impl Prometheus {
                 Ok((series["metric"].clone(), v))
             })
             .collect()
+    }
+}
+
+impl Prometheus {
+    /// The active alerts (`/api/v1/alerts`): name, state (`pending` or `firing`) and
+    /// labels of each; resolved alerts are absent.
+    pub fn alerts(&self) -> Result<Vec<(String, String, serde_json::Value)>, String> {
+        let url = format!("http://127.0.0.1:{}/api/v1/alerts", self.port);
+        let text = reqwest::blocking::Client::new()
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .and_then(|r| r.text())
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+        if json["status"] != "success" {
+            return Err(format!("alerts failed: {text}"));
+        }
+        Ok(json["data"]["alerts"]
+            .as_array()
+            .ok_or_else(|| format!("no data.alerts: {text}"))?
+            .iter()
+            .map(|a| {
+                (
+                    a["labels"]["alertname"].as_str().unwrap_or("").to_owned(),
+                    a["state"].as_str().unwrap_or("").to_owned(),
+                    a["labels"].clone(),
+                )
+            })
+            .collect())
+    }
+
+    /// The rule groups Prometheus loaded (`/api/v1/rules`): how many rules in all.
+    pub fn rule_count(&self) -> Result<usize, String> {
+        let url = format!("http://127.0.0.1:{}/api/v1/rules", self.port);
+        let text = reqwest::blocking::Client::new()
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .and_then(|r| r.text())
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+        Ok(json["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|g| g["rules"].as_array().map_or(0, Vec::len))
+            .sum())
     }
 }
 
