@@ -112,6 +112,7 @@ pub fn pollers(
                 Arc::clone(&collectors),
                 config.collectors.defaults,
                 config.statements,
+                config.tables,
                 Arc::clone(&store),
             )
         })

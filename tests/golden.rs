@@ -147,6 +147,7 @@ fn replay(def: &CollectorDef, names: &NameCache) -> Snapshot {
                 top_n: 3,
                 ..Default::default()
             },
+            tables: pgvigil::config::TablesConfig { top_n: 3 },
             names: Some(names),
             monitored: &|_| true,
         };

@@ -544,6 +544,7 @@ mod tests {
                     top_n: 1,
                     ..Default::default()
                 },
+                tables: Default::default(),
                 names: None,
                 monitored: &|_| true,
             };
