@@ -114,7 +114,7 @@ fn column<R: Columns>(row: &R, name: &str) -> Result<usize, PgError> {
 /// picked for its dead tuples.
 fn select(keys: &[Key], ranks: &[[f64; 3]], n: usize) -> HashSet<usize> {
     let mut members = HashSet::new();
-    for c in 0..RANK_COLUMNS.len() {
+    for (c, _) in RANK_COLUMNS.iter().enumerate() {
         let mut order: Vec<usize> = (0..keys.len()).filter(|&i| ranks[i][c] > 0.0).collect();
         order.sort_by(|&a, &b| {
             ranks[b][c]
