@@ -7,6 +7,7 @@
 //! process.
 
 pub mod index_eta;
+pub mod other;
 pub mod statements;
 pub mod tables;
 pub mod window;

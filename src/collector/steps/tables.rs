@@ -23,12 +23,12 @@
 //! Membership has no hysteresis: it follows the ranking at every poll (the `other`
 //! counters stay monotonic either way).
 //!
-//! The delta rule is implemented here on its own rather than shared with the statements
-//! step, whose bookkeeping is interleaved with its window statistics.
+//! The delta rule is the statements step's, shared in [`crate::collector::steps::other`].
 
 use std::collections::{HashMap, HashSet};
 
 use crate::collector::pack::OtherRule;
+use crate::collector::steps::other::{add, Tracked};
 use crate::collector::steps::Context;
 use crate::collector::table::{Cell, Table};
 use crate::postgres::value::Columns;
@@ -57,12 +57,8 @@ fn hash_key(parts: &[String; 2]) -> Key {
 /// What is remembered of a table until the next poll.
 struct Seen {
     relid: Option<f64>,
-    /// The `delta` columns' values (NaN for NULL).
-    counters: Box<[f64]>,
-    member: bool,
-    /// What the table handed to `other` since it first had its own series, by `delta`
-    /// column; `None` if it never had one.
-    handed: Option<Box<[f64]>>,
+    /// The `delta` columns, membership and what it handed to `other`.
+    tracked: Tracked,
 }
 
 /// State kept between polls of one (target, database).
@@ -186,56 +182,23 @@ impl TablesStep {
             let id = r.number(relid).map_err(decode_error)?;
             let prev = self.prev.get(&keys[i]);
             let reset = prev.is_some_and(|p| {
-                p.relid != id || p.counters.iter().zip(counters.iter()).any(|(p, n)| n < p)
+                p.relid != id
+                    || (p.tracked.counters.iter())
+                        .zip(counters.iter())
+                        .any(|(p, n)| n < p)
             });
-            let delta: Option<Vec<f64>> = match prev {
-                // First poll: members keep their history in their own series.
-                None if !self.polled && member => None,
-                // First poll's non-members, and tables new since the previous poll.
-                None => Some(counters.to_vec()),
-                Some(p) if p.member && member => None,
-                Some(_) if reset => None,
-                Some(p) => Some(
-                    counters
-                        .iter()
-                        .zip(p.counters.iter())
-                        .map(|(n, p)| match (n.is_nan(), p.is_nan()) {
-                            (true, _) => f64::NAN,
-                            (false, true) => *n,
-                            (false, false) => (n - p).max(0.0),
-                        })
-                        .collect(),
-                ),
-            };
-            let mut handed = prev.and_then(|p| match &p.handed {
-                // A reset restarts the table's counters, and its series with them.
-                Some(_) if reset => Some(vec![0.0; counters.len()].into_boxed_slice()),
-                h => h.clone(),
-            });
+            let (delta, tracked) = Tracked::advance(
+                prev.map(|p| &p.tracked),
+                self.polled,
+                counters,
+                member,
+                reset,
+            );
             if let Some(d) = &delta {
-                if let Some(h) = handed.as_mut() {
-                    add(h, d);
-                }
                 add(&mut self.other, d);
             }
-            if member && handed.is_none() {
-                handed = Some(vec![0.0; counters.len()].into_boxed_slice());
-            }
             if member {
-                let h = handed.as_deref().unwrap_or(&[]);
-                let cells = counters
-                    .iter()
-                    .zip(h)
-                    .map(|(v, h)| {
-                        let v = v - h;
-                        if v.is_nan() {
-                            Cell::Null
-                        } else {
-                            Cell::Number(v)
-                        }
-                    })
-                    .collect();
-                member_rows.push((i, cells));
+                member_rows.push((i, tracked.series().collect()));
             } else {
                 for (s, &c) in sums.iter_mut().zip(&sum_cols) {
                     let v = num(r, c)?;
@@ -250,15 +213,7 @@ impl TablesStep {
                     }
                 }
             }
-            seen.insert(
-                keys[i],
-                Seen {
-                    relid: id,
-                    counters,
-                    member,
-                    handed,
-                },
-            );
+            seen.insert(keys[i], Seen { relid: id, tracked });
         }
         for (i, cells) in member_rows {
             table.keep(i, cells);
@@ -296,15 +251,6 @@ impl TablesStep {
         self.prev = seen;
         self.polled = true;
         Ok(table)
-    }
-}
-
-/// Adds `delta` into `sum`, NaN meaning "nothing".
-fn add(sum: &mut [f64], delta: &[f64]) {
-    for (s, d) in sum.iter_mut().zip(delta) {
-        if !d.is_nan() {
-            *s = if s.is_nan() { *d } else { *s + d };
-        }
     }
 }
 
