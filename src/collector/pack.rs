@@ -995,6 +995,18 @@ mod tests {
     }
 
     #[test]
+    fn other_rules_are_checked_at_load() {
+        let e = load(&ONE.replace("value: v\n", "value: v\n        other: sum\n")).unwrap_err();
+        assert!(e.contains("processor: table_top_n"), "{e}");
+        let e = load(&ONE.replace("value: v\n", "value: v\n        other: delta\n")).unwrap_err();
+        assert!(e.contains("`other: delta` is for counters"), "{e}");
+        let e = load(&ONE.replace("value: v\n", "value: v\n        other: most\n")).unwrap_err();
+        assert!(e.contains("unknown variant `most`"), "{e}");
+        let ok = ONE.replace("help: Mine.\n", "help: Mine.\n    processor: table_top_n\n");
+        load(&ok.replace("value: v\n", "value: v\n        other: max\n")).unwrap();
+    }
+
+    #[test]
     fn name_from_rules_are_checked_at_load() {
         let rule = ONE.replace(
             "name: my_value\n",
