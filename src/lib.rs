@@ -20,8 +20,10 @@
 //!   collectors on the main database, visits of the other databases within the target's
 //!   connection budget); relation names of every database for cluster-wide views (`names`);
 //!   the Rust
-//!   steps for what SQL cannot say (`steps`: statements top-N/window/`other`, index-build
-//!   ETA), which add columns to a [`collector::table::Table`]; rows → families (`rows`).
+//!   steps for what SQL cannot say (`steps`: statements top-N/window/`other`, per-table
+//!   top-N by size, xid age and dead tuples with `table="other"`, the delta rule both
+//!   `other` buckets share (`steps::other`), index-build ETA), which add columns to a
+//!   [`collector::table::Table`]; rows → families (`rows`).
 //! - [`postgres`]: DSNs and TLS, sessions (`postgres::slot`: pgvigil's session settings,
 //!   one query at a time with its own timeouts, reconnect with backoff — for collectors and
 //!   the activity sampler alike), server facts, row values → numbers and labels.
@@ -112,6 +114,7 @@ pub fn pollers(
                 Arc::clone(&collectors),
                 config.collectors.defaults,
                 config.statements,
+                config.tables,
                 Arc::clone(&store),
             )
         })

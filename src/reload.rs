@@ -49,13 +49,14 @@ impl TargetSpec {
         let defaults = config.collectors.defaults;
         TargetSpec {
             base: format!(
-                "{:?} {:?} password#{:x} {:?} {:?} {:?}",
+                "{:?} {:?} password#{:x} {:?} {:?} {:?} {:?}",
                 target.pg.0,
                 target.pg.1,
                 password.finish(),
                 target.labels,
                 target.databases,
-                config.statements
+                config.statements,
+                config.tables
             ),
             defaults: format!("{defaults:?}"),
             collectors: collectors
@@ -328,6 +329,7 @@ impl Running {
             Arc::clone(collectors),
             config.collectors.defaults,
             config.statements,
+            config.tables,
             Arc::clone(&self.store),
         )
     }

@@ -147,6 +147,7 @@ fn replay(def: &CollectorDef, names: &NameCache) -> Snapshot {
                 top_n: 3,
                 ..Default::default()
             },
+            tables: pgvigil::config::TablesConfig { top_n: 3 },
             names: Some(names),
             monitored: &|_| true,
         };
@@ -308,6 +309,8 @@ fn record_rows() {
         ("archive_command", "true"),
         ("max_prepared_transactions", "2"),
         ("max_slot_wal_keep_size", "1GB"),
+        // Autovacuum soon enough to see it in pg_table_last_auto*_timestamp_seconds.
+        ("autovacuum_naptime", "1"),
     ]);
     let app = Session::connect(&pg.dsn());
     archiving_that_fails(&pg);
@@ -328,6 +331,25 @@ fn record_rows() {
     );
     let _ =
         app.try_run("CREATE UNIQUE INDEX CONCURRENTLY orders_customer_key ON orders (customer)");
+    // The largest table (so it has per-table series with top_n 3), vacuumed and analyzed
+    // by autovacuum, with an index nothing scans.
+    app.run(
+        "CREATE TABLE events (id int, kind text) WITH (
+           autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,
+           autovacuum_analyze_threshold = 0, autovacuum_analyze_scale_factor = 0);
+         CREATE INDEX events_kind ON events (kind);
+         INSERT INTO events SELECT g, 'kind ' || (g % 3) FROM generate_series(1, 50000) g;
+         DELETE FROM events WHERE id <= 100;",
+    );
+    wait_until(Duration::from_secs(60), "events autovacuumed", || {
+        pg.psql(
+            "postgres",
+            "SELECT last_autovacuum IS NOT NULL AND last_autoanalyze IS NOT NULL
+             FROM pg_stat_all_tables WHERE relname = 'events'",
+        )
+        .unwrap()
+            == "t"
+    });
     app.run("SELECT pg_stat_statements_reset()");
     let workload = |n: usize| {
         for i in 0..n {

@@ -46,6 +46,10 @@ pub const BUILTIN_PACKS: &[(&str, &str)] = &[
         include_str!("../../queries/vacuum.yaml"),
     ),
     (
+        "queries/tables.yaml",
+        include_str!("../../queries/tables.yaml"),
+    ),
+    (
         "queries/replication.yaml",
         include_str!("../../queries/replication.yaml"),
     ),
@@ -155,6 +159,11 @@ impl CollectorDef {
                     .into(),
             );
         }
+        if self.processor != Some(ProcessorKind::TableTopN)
+            && self.metrics.0.iter().any(|m| m.other.is_some())
+        {
+            return Err("`other` (of a metric) is read by `processor: table_top_n` only".into());
+        }
         for r in &self.relation_names {
             if !self
                 .metrics
@@ -180,6 +189,21 @@ pub enum ProcessorKind {
     Statements,
     /// pg_stat_progress_create_index: progress ratio smoothing and ETA.
     CreateIndexProgress,
+    /// Per-table rows: the union of the top N by size, xid age and dead tuples
+    /// (`tables.top_n`), the rest in one `table="other"` row by each metric's `other` rule.
+    TableTopN,
+}
+
+/// How a metric's value column is folded into a step's `other` row (`other:` of a metric,
+/// read by the `table_top_n` step): summed, the maximum, or, for counters, the deltas of the
+/// entries without their own series (the same rule as `queryid="other"` of statements).
+/// A metric without `other` has no `other` sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherRule {
+    Sum,
+    Max,
+    Delta,
 }
 
 /// The caches a collector can fill.
@@ -454,6 +478,8 @@ pub struct MetricDef {
     /// A counter that pgvigil integrates over time: each poll adds the column's value times
     /// the seconds since the previous poll (e.g. waiting backends → backend-seconds).
     pub accumulate: bool,
+    /// How the value goes into the `other` row of a `table_top_n` collector.
+    pub other: Option<OtherRule>,
 }
 
 /// `name_from`: a metric whose name comes from a column, so one declaration gives a family
@@ -529,6 +555,8 @@ struct RawMetric {
     static_labels: BTreeMap<LabelName, String>,
     #[serde(default)]
     accumulate: bool,
+    #[serde(default)]
+    other: Option<OtherRule>,
 }
 
 impl TryFrom<RawMetric> for MetricDef {
@@ -584,6 +612,24 @@ impl TryFrom<RawMetric> for MetricDef {
                 "metric {name}: `accumulate` makes a counter; set `type: counter`"
             ));
         }
+        match (r.other, r.kind) {
+            (Some(OtherRule::Delta), k) if k != MetricType::Counter => {
+                return Err(format!(
+                    "metric {name}: `other: delta` is for counters; use sum or max"
+                ))
+            }
+            (Some(OtherRule::Sum | OtherRule::Max), MetricType::Counter) => {
+                return Err(format!(
+                    "metric {name}: a counter's `other` is `delta` (a sum or max of counters could decrease)"
+                ))
+            }
+            (Some(_), _) if r.value.is_none() || name_rule.is_some() => {
+                return Err(format!(
+                    "metric {name}: `other` needs a `value` column and a fixed name"
+                ))
+            }
+            _ => {}
+        }
         if r.help.trim().is_empty() {
             return Err(format!("metric {name}: help must not be empty"));
         }
@@ -607,6 +653,7 @@ impl TryFrom<RawMetric> for MetricDef {
             labels: r.labels,
             static_labels: r.static_labels,
             accumulate: r.accumulate,
+            other: r.other,
         })
     }
 }
@@ -945,6 +992,18 @@ mod tests {
 
         let e = load(&ONE.replace("type: gauge", "type: counter")).unwrap_err();
         assert!(e.contains("must end in _total"), "{e}");
+    }
+
+    #[test]
+    fn other_rules_are_checked_at_load() {
+        let e = load(&ONE.replace("value: v\n", "value: v\n        other: sum\n")).unwrap_err();
+        assert!(e.contains("processor: table_top_n"), "{e}");
+        let e = load(&ONE.replace("value: v\n", "value: v\n        other: delta\n")).unwrap_err();
+        assert!(e.contains("`other: delta` is for counters"), "{e}");
+        let e = load(&ONE.replace("value: v\n", "value: v\n        other: most\n")).unwrap_err();
+        assert!(e.contains("unknown variant `most`"), "{e}");
+        let ok = ONE.replace("help: Mine.\n", "help: Mine.\n    processor: table_top_n\n");
+        load(&ok.replace("value: v\n", "value: v\n        other: max\n")).unwrap();
     }
 
     #[test]

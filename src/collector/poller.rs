@@ -30,7 +30,7 @@ use tokio_postgres::Row;
 use crate::collector::names::{NameCache, Relations};
 use crate::collector::pack::{CacheKind, CollectorDef, Scope};
 use crate::collector::steps::{CollectorState, Context};
-use crate::config::{CollectorDefaults, StatementsConfig, Target};
+use crate::config::{CollectorDefaults, StatementsConfig, TablesConfig, Target};
 use crate::postgres::slot::{Event, Slot, SlotGuard};
 use crate::postgres::{dsn, ErrorKind, PgError};
 use crate::store::{Snapshot, Store, Visits};
@@ -64,6 +64,7 @@ pub struct TargetPoller {
     log: Mutex<LogLimiter>,
     base_labels: Vec<(Arc<str>, String)>,
     statements: StatementsConfig,
+    tables: TablesConfig,
     /// State kept between polls per (collector, database): accumulated counters and
     /// processors. Locked only for the synchronous post-processing step.
     states: Mutex<HashMap<(String, String), CollectorState>>,
@@ -75,6 +76,7 @@ impl TargetPoller {
         collectors: Arc<Vec<CollectorDef>>,
         defaults: CollectorDefaults,
         statements: StatementsConfig,
+        tables: TablesConfig,
         store: Arc<Store>,
     ) -> Arc<TargetPoller> {
         let base_labels: Vec<(Arc<str>, String)> = target
@@ -98,6 +100,7 @@ impl TargetPoller {
             log: Mutex::new(LogLimiter::default()),
             base_labels,
             statements,
+            tables,
             states: Mutex::new(HashMap::new()),
         })
     }
@@ -443,6 +446,7 @@ impl TargetPoller {
             database: db,
             now: Instant::now(),
             statements: self.statements,
+            tables: self.tables,
             names: Some(&self.names),
             monitored: &monitored,
         };

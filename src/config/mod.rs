@@ -49,6 +49,9 @@ pub struct Config {
     /// pg_stat_statements: cardinality bound and query text length.
     #[serde(default)]
     pub statements: StatementsConfig,
+    /// Per-table statistics: cardinality bound.
+    #[serde(default)]
+    pub tables: TablesConfig,
     /// The `pg_stat_activity` sampler: DB load and slow-query spans.
     #[serde(default)]
     pub activity: ActivityConfig,
@@ -165,6 +168,29 @@ impl Default for StatementsConfig {
     }
 }
 
+/// The `tables:` section.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TablesConfig {
+    /// Per database, the tables among the top N by size, the top N by xid age and the top
+    /// N by dead tuples get their own `pg_table_*` series (at most 3 × N); the rest are
+    /// summed into `table="other"`.
+    #[serde(default = "default_tables_top_n")]
+    pub top_n: usize,
+}
+
+fn default_tables_top_n() -> usize {
+    50
+}
+
+impl Default for TablesConfig {
+    fn default() -> Self {
+        TablesConfig {
+            top_n: default_tables_top_n(),
+        }
+    }
+}
+
 fn default_listen() -> SocketAddr {
     DEFAULT_LISTEN.parse().expect("constant address parses")
 }
@@ -176,6 +202,7 @@ impl Default for Config {
             targets: Vec::new(),
             collectors: CollectorsConfig::default(),
             statements: StatementsConfig::default(),
+            tables: TablesConfig::default(),
             activity: ActivityConfig::default(),
             tracing: TracingConfig::default(),
         }

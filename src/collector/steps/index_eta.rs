@@ -536,6 +536,7 @@ mod tests {
                 database: "app",
                 now: at(t0, t as f64),
                 statements: Default::default(),
+                tables: Default::default(),
                 names: None,
                 monitored: &|_| true,
             };
@@ -580,6 +581,7 @@ mod tests {
             database: "app",
             now: t0,
             statements: Default::default(),
+            tables: Default::default(),
             names: None,
             monitored: &|_| true,
         };

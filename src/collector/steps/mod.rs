@@ -7,7 +7,9 @@
 //! process.
 
 pub mod index_eta;
+pub mod other;
 pub mod statements;
+pub mod tables;
 pub mod window;
 
 use std::collections::HashMap;
@@ -19,7 +21,7 @@ use crate::collector::pack::{CollectorDef, ProcessorKind};
 use crate::collector::rows;
 use crate::collector::table::Rows;
 use crate::collector::table::Table;
-use crate::config::StatementsConfig;
+use crate::config::{StatementsConfig, TablesConfig};
 use crate::metric::{Family, Sample};
 use crate::postgres::value::Columns;
 use crate::postgres::PgError;
@@ -34,6 +36,7 @@ pub struct Context<'a> {
     /// When the rows were read.
     pub now: Instant,
     pub statements: StatementsConfig,
+    pub tables: TablesConfig,
     /// The target's relation-name cache, for `relation_names` (none: keep the query's
     /// values).
     pub names: Option<&'a NameCache>,
@@ -45,6 +48,7 @@ pub struct Context<'a> {
 enum Step {
     Statements(statements::StatementsStep),
     IndexEta(index_eta::IndexEtaStep),
+    Tables(tables::TablesStep),
 }
 
 impl Step {
@@ -52,6 +56,7 @@ impl Step {
         match kind {
             ProcessorKind::Statements => Step::Statements(Default::default()),
             ProcessorKind::CreateIndexProgress => Step::IndexEta(Default::default()),
+            ProcessorKind::TableTopN => Step::Tables(Default::default()),
         }
     }
 
@@ -63,6 +68,7 @@ impl Step {
         match self {
             Step::Statements(s) => s.run(rows, ctx),
             Step::IndexEta(s) => s.run(rows, ctx),
+            Step::Tables(s) => s.run(rows, ctx),
         }
     }
 }
@@ -72,6 +78,7 @@ pub fn describe(kind: ProcessorKind) -> &'static str {
     match kind {
         ProcessorKind::Statements => statements::DESCRIPTION,
         ProcessorKind::CreateIndexProgress => index_eta::DESCRIPTION,
+        ProcessorKind::TableTopN => tables::DESCRIPTION,
     }
 }
 

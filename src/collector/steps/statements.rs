@@ -24,6 +24,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::collector::pack::CollectorDef;
+use crate::collector::steps::other::{add, Tracked};
 use crate::collector::steps::window::{self, Cumulative};
 use crate::collector::steps::Context;
 use crate::collector::table::{Cell, Table};
@@ -83,15 +84,9 @@ struct Entry {
 struct Seen {
     cum: Cumulative,
     stats_since: Option<f64>,
-    /// The counter columns' values (NaN for NULL), in [`counter_columns`] order.
-    counters: Box<[f64]>,
-    /// It had its own series.
-    member: bool,
-    /// For an entry that has had its own series: what it handed to `other` since, by
-    /// counter column. Its series is the cumulative value minus this, so a query that
-    /// leaves the top N and comes back continues where its series stopped instead of
-    /// jumping by the executions `other` already counted.
-    handed: Option<Box<[f64]>>,
+    /// The counter columns ([`counter_columns`] order), membership and what it handed to
+    /// `other`: the shared delta rule.
+    tracked: Tracked,
 }
 
 /// The `other` series of one (datname, user): running totals by counter column.
@@ -286,18 +281,14 @@ impl StatementsStep {
                 .collect::<Result<Box<[f64]>, PgError>>()?;
             let member = members.contains(&e.key);
             let prev = self.prev.get(&e.key);
-            let delta = other_delta(prev, self.polled, e, &counters, member);
-            let mut handed = prev.and_then(|p| match &p.handed {
-                // A reset restarts the entry's counters, and its series with them.
-                Some(_) if reset(p, e) => Some(vec![0.0; counters.len()].into_boxed_slice()),
-                h => h.clone(),
-            });
-            if let (Some(h), Some(d)) = (handed.as_mut(), delta.as_ref()) {
-                add(h, d);
-            }
-            if member && handed.is_none() {
-                handed = Some(vec![0.0; counters.len()].into_boxed_slice());
-            }
+            let was_reset = prev.is_some_and(|p| reset(p, e));
+            let (delta, tracked) = Tracked::advance(
+                prev.map(|p| &p.tracked),
+                self.polled,
+                counters,
+                member,
+                was_reset,
+            );
             if let Some(delta) = delta {
                 let group = (
                     row.label(key_cols[0]).map_err(decode_error)?,
@@ -313,9 +304,7 @@ impl StatementsStep {
                 Seen {
                     cum: e.cum,
                     stats_since: e.stats_since,
-                    counters,
-                    member,
-                    handed,
+                    tracked,
                 },
             );
         }
@@ -368,16 +357,7 @@ impl StatementsStep {
                     Cell::Null,
                     Cell::Null,
                 ];
-                let s = &seen[&e.key];
-                let handed = s.handed.as_deref().unwrap_or(&[]);
-                cells.extend(s.counters.iter().enumerate().map(|(j, v)| {
-                    let v = v - handed.get(j).copied().unwrap_or(0.0);
-                    if v.is_nan() {
-                        Cell::Null
-                    } else {
-                        Cell::Number(v)
-                    }
-                }));
+                cells.extend(seen[&e.key].tracked.series());
                 table.keep(e.row, cells);
             }
             for o in &self.others {
@@ -408,51 +388,9 @@ impl StatementsStep {
     }
 }
 
-/// What an entry adds to `other` for the interval since the previous poll, by counter
-/// column (NaN: nothing): its executions in the interval unless it had its own series at
-/// both ends of it. At the first poll, the non-members' whole history. An entry that was
-/// reset or evicted and re-entered (calls went down, `stats_since` moved) adds nothing:
-/// its delta is unknown, and a negative one would make `other` decrease.
-fn other_delta(
-    prev: Option<&Seen>,
-    polled: bool,
-    e: &Entry,
-    now: &[f64],
-    member: bool,
-) -> Option<Vec<f64>> {
-    match prev {
-        // First poll: members keep their history in their own series.
-        None if !polled && member => None,
-        // First poll's non-members, and entries new since the previous poll: all their
-        // executions are in the interval.
-        None => Some(now.to_vec()),
-        Some(p) if p.member && member => None,
-        Some(p) if reset(p, e) => None,
-        Some(p) => Some(
-            now.iter()
-                .zip(p.counters.iter())
-                .map(|(n, p)| match (n.is_nan(), p.is_nan()) {
-                    (true, _) => f64::NAN,
-                    (false, true) => *n,
-                    (false, false) => (n - p).max(0.0),
-                })
-                .collect(),
-        ),
-    }
-}
-
 /// The entry was reset, or evicted and re-entered, since the previous poll.
 fn reset(prev: &Seen, e: &Entry) -> bool {
     e.cum.calls < prev.cum.calls || prev.stats_since != e.stats_since
-}
-
-/// Adds `delta` into `sum`, NaN meaning "nothing".
-fn add(sum: &mut [f64], delta: &[f64]) {
-    for (s, d) in sum.iter_mut().zip(delta) {
-        if !d.is_nan() {
-            *s = if s.is_nan() { *d } else { *s + d };
-        }
-    }
 }
 
 #[cfg(test)]
@@ -544,6 +482,7 @@ mod tests {
                     top_n: 1,
                     ..Default::default()
                 },
+                tables: Default::default(),
                 names: None,
                 monitored: &|_| true,
             };
