@@ -479,3 +479,88 @@ fn standbys_are_told_apart_and_an_idle_standby_has_no_replay_delay() {
     assert!((now - heard).abs() < 60.0, "{heard} vs {now}");
     drop(b);
 }
+
+/// What goes wrong with replication, as an SRE sees it: a physical slot whose standby is gone
+/// retains more WAL after every switch and write (and is inactive); a standby whose replay is
+/// paused shows a replay delay > 0 while WAL it received waits; a standby whose primary is
+/// stopped shows its WAL receiver not streaming (replay delay alone would read 0 then).
+#[test]
+fn an_unused_slot_retains_wal_a_paused_standby_lags_and_a_lost_primary_is_not_streamed() {
+    let primary = cluster(&[]);
+    primary
+        .psql(
+            "postgres",
+            "SELECT pg_create_physical_replication_slot('gone', true)",
+        )
+        .unwrap();
+    let on_primary = ManualPoller::new(&config(&one_target(&primary.dsn(), "")));
+    let slot = [("slot_name", "gone")];
+    let s = on_primary.poll();
+    assert_eq!(value(&s, "pg_replication_slot_active", &slot), Some(0.0));
+    let before = value(&s, "pg_replication_slot_retained_bytes", &slot).expect("retained bytes");
+    primary
+        .psql(
+            "postgres",
+            "CREATE TABLE w AS SELECT g FROM generate_series(1, 100000) g; SELECT pg_switch_wal()",
+        )
+        .unwrap();
+    let after = poll_until(
+        &on_primary,
+        Duration::from_secs(30),
+        "the slot to retain more WAL",
+        |s| value(s, "pg_replication_slot_retained_bytes", &slot).filter(|v| *v > before),
+    );
+    assert!(after > before, "{after} > {before}");
+    assert_eq!(
+        value(&on_primary.poll(), "pg_replication_slot_active", &slot),
+        Some(0.0)
+    );
+
+    let standby = primary.start_standby("replica").expect("a standby");
+    let on_standby = ManualPoller::new(&config(&one_target(&standby.dsn(), "")));
+    poll_until(&on_standby, Duration::from_secs(30), "streaming", |s| {
+        (value(s, "pg_replication_wal_receiver_streaming", &[])? == 1.0).then_some(())
+    });
+    // A commit replayed first, so the standby knows when it last replayed one.
+    primary
+        .psql("postgres", "INSERT INTO w VALUES (0)")
+        .unwrap();
+    poll_until(&on_standby, Duration::from_secs(30), "caught up", |s| {
+        (value(s, "pg_replication_receive_replay_lag_bytes", &[])? == 0.0
+            && value(s, "pg_replication_replay_delay_seconds", &[])? == 0.0)
+            .then_some(())
+    });
+    standby
+        .psql("postgres", "SELECT pg_wal_replay_pause()")
+        .unwrap();
+    primary
+        .psql(
+            "postgres",
+            "INSERT INTO w SELECT g FROM generate_series(1, 1000) g",
+        )
+        .unwrap();
+    let (delay, lag) = poll_until(
+        &on_standby,
+        Duration::from_secs(30),
+        "a replay delay while replay is paused",
+        |s| {
+            let delay = value(s, "pg_replication_replay_delay_seconds", &[])?;
+            let lag = value(s, "pg_replication_receive_replay_lag_bytes", &[])?;
+            let paused = value(s, "pg_replication_replay_paused", &[])?;
+            (paused == 1.0 && delay > 0.0 && lag > 0.0).then_some((delay, lag))
+        },
+    );
+    println!("paused standby: replay delay {delay:.2} s, {lag} bytes received but not replayed");
+    standby
+        .psql("postgres", "SELECT pg_wal_replay_resume()")
+        .unwrap();
+
+    primary.stop().expect("stop the primary");
+    let s = poll_until(
+        &on_standby,
+        Duration::from_secs(60),
+        "the WAL receiver to stop streaming",
+        |s| (value(s, "pg_replication_wal_receiver_streaming", &[])? == 0.0).then(|| s.to_vec()),
+    );
+    assert_eq!(value(&s, "pg_in_recovery", &[]), Some(1.0));
+}
