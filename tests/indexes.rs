@@ -265,7 +265,9 @@ fn plain_build_progress_is_monotonic_and_eta_within_a_factor_of_two() {
     for p in &with_eta {
         let (eta, actual) = (p.eta.unwrap_or_default(), total - p.elapsed);
         let within_factor_2 = eta >= actual / 2.0 && eta <= actual * 2.0;
-        let last_seconds = actual < 2.0 && (eta - actual).abs() <= 1.0;
+        // The ETA is computed at the poll, the remaining time measured at the scrape after
+        // it: one poll (1 s) plus one scrape of skew, which dominates the last seconds.
+        let last_seconds = actual < 3.0 && (eta - actual).abs() <= 1.5;
         assert!(
             within_factor_2 || last_seconds,
             "at {:.1} s ({}): ETA {eta:.1} s, actually {actual:.1} s left",
