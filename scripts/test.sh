@@ -63,7 +63,7 @@ promtool test rules alerts/tests/*.yml
 
 if cargo nextest --version >/dev/null 2>&1; then
     step "cargo nextest run"
-    cargo nextest run
+    cargo nextest run --no-fail-fast
     step "cargo test --doc"
     cargo test --doc
 else

@@ -521,10 +521,24 @@ fn an_unused_slot_retains_wal_a_paused_standby_lags_and_a_lost_primary_is_not_st
     poll_until(&on_standby, Duration::from_secs(30), "streaming", |s| {
         (value(s, "pg_replication_wal_receiver_streaming", &[])? == 1.0).then_some(())
     });
-    // A commit replayed first, so the standby knows when it last replayed one.
+    // A commit replayed first, so the standby knows when it last replayed one. Wait for the
+    // standby itself to have replayed it: "caught up" below also holds before the commit's WAL
+    // has arrived, and a pause then would leave no replayed commit (delay absent, not > 0).
     primary
         .psql("postgres", "INSERT INTO w VALUES (0)")
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while standby
+        .psql(
+            "postgres",
+            "SELECT pg_last_xact_replay_timestamp() IS NOT NULL AND EXISTS (SELECT FROM w WHERE g = 0)",
+        )
+        .unwrap()
+        != "t"
+    {
+        assert!(Instant::now() < deadline, "the standby never replayed the commit");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     poll_until(&on_standby, Duration::from_secs(30), "caught up", |s| {
         (value(s, "pg_replication_receive_replay_lag_bytes", &[])? == 0.0
             && value(s, "pg_replication_replay_delay_seconds", &[])? == 0.0)
