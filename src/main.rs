@@ -30,9 +30,10 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Validate the config and all collector packs, and print the resolved plan
-    /// (targets, collectors, intervals, the SQL variant per server version).
+    /// (targets, collectors, intervals, the SQL variant per server version). Given a pack
+    /// file instead of a config, validate that pack and describe its collectors.
     CheckConfig {
-        /// Config file to check (default: --config, or the environment-only setup).
+        /// Config or pack file to check (default: --config, or the environment-only setup).
         file: Option<PathBuf>,
     },
     /// Poll every collector once and print the metrics text (for debugging a pack).
@@ -192,7 +193,20 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| Failure::Error(e.to_string()))
         }
         Some(Command::CheckConfig { file }) => {
-            let config = load_config(file.as_ref().or(cli.config.as_ref()), cli.listen)?;
+            let file = file.as_ref().or(cli.config.as_ref());
+            if let Some(path) = file {
+                // A pack file on its own: validate it against the built-in packs.
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+                if pgvigil::collector::is_pack_text(&text) {
+                    let plan =
+                        pgvigil::collector::pack_plan_text(path).map_err(|e| e.to_string())?;
+                    print!("{plan}");
+                    println!("pack OK");
+                    return Ok(());
+                }
+            }
+            let config = load_config(file, cli.listen)?;
             let catalog = Catalog::load(&config.collectors).map_err(|e| e.to_string())?;
             config
                 .resolve_targets(&pgvigil::process_env)

@@ -746,10 +746,26 @@ impl Catalog {
             })
             .collect();
         for p in &config.paths {
-            for path in pack_files(p)? {
-                let text = std::fs::read_to_string(&path).map_err(|source| PackError::Read {
-                    path: path.clone(),
-                    source,
+            // A path that cannot be read is an error in the config: locate it there.
+            let located = |e: PackError| match (e, config.source.as_ref()) {
+                (PackError::Read { path, source }, Some((file, text))) => {
+                    PackError::Yaml(YamlError::at(
+                        file,
+                        yaml::locate_word(text, "paths", &p.display().to_string()),
+                        format!(
+                            "collectors.paths: {}: cannot read: {source}",
+                            path.display()
+                        ),
+                    ))
+                }
+                (e, _) => e,
+            };
+            for path in pack_files(p).map_err(located)? {
+                let text = std::fs::read_to_string(&path).map_err(|source| {
+                    located(PackError::Read {
+                        path: path.clone(),
+                        source,
+                    })
                 })?;
                 files.push(Loaded {
                     path,

@@ -433,7 +433,7 @@ impl Config {
             if t.labels.keys().any(|k| k.0 == "target") {
                 return Err(YamlError::at(
                     path,
-                    yaml::locate(text, "target", ""),
+                    yaml::locate_key_after(text, "target", at.0),
                     format!(
                         "targets[{i}].labels: `target` is set by pgvigil and cannot be overridden"
                     ),
@@ -464,14 +464,28 @@ impl Config {
     ) -> Result<Vec<Target>, ConfigError> {
         self.targets
             .iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(i, t)| {
                 let mut pg = t.dsn.0.clone();
                 if let Some(file) = &t.password_file {
-                    let text =
-                        std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-                            path: file.clone(),
-                            source,
-                        })?;
+                    let text = std::fs::read_to_string(file).map_err(|source| {
+                        let message = format!(
+                            "targets[{i}].password_file: {}: cannot read: {source}",
+                            file.display()
+                        );
+                        match &self.collectors.source {
+                            Some((path, text)) => {
+                                let at = yaml::locate_after(
+                                    text,
+                                    "password_file",
+                                    &file.display().to_string(),
+                                    yaml::locate(text, "name", &t.name).0,
+                                );
+                                ConfigError::Yaml(YamlError::at(path, at, message))
+                            }
+                            None => ConfigError::Invalid(message),
+                        }
+                    })?;
                     pg.password(text.lines().next().unwrap_or(""));
                 } else if pg.get_password().is_none() {
                     if let Some(pw) = env("PGPASSWORD") {
@@ -500,20 +514,32 @@ impl Config {
 /// `PGSSLCERT`, `PGSSLKEY` (libpq's defaults for the rest).
 fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig, ConfigError> {
     let dsn = match env("DATA_SOURCE_NAME") {
-        Some(s) => s
-            .parse::<Dsn>()
-            .map_err(|e| ConfigError::Invalid(format!("DATA_SOURCE_NAME: {e}")))?,
+        Some(s) => {
+            let mut dsn = s
+                .parse::<Dsn>()
+                .map_err(|e| ConfigError::Invalid(format!("DATA_SOURCE_NAME: {e}")))?;
+            // As libpq: PGAPPNAME applies when the connection string sets no application_name
+            // (pgvigil's own default, `pgvigil`, is filled in later for every target).
+            if dsn.0.get_application_name().is_none() {
+                if let Some(app) = env("PGAPPNAME") {
+                    dsn.0.application_name(app);
+                }
+            }
+            dsn
+        }
         None => {
             let mut pg = tokio_postgres::Config::new();
-            let host = env("PGHOST").unwrap_or_else(|| "localhost".into());
+            let port = env("PGPORT").unwrap_or_else(|| "5432".into());
+            let port: u16 = port
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("PGPORT={port:?}: {e}")))?;
+            let host = env("PGHOST")
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| default_host(DEFAULT_SOCKET_DIRS, port));
             for h in host.split(',') {
                 pg.host(h);
             }
-            let port = env("PGPORT").unwrap_or_else(|| "5432".into());
-            pg.port(
-                port.parse()
-                    .map_err(|e| ConfigError::Invalid(format!("PGPORT={port:?}: {e}")))?,
-            );
+            pg.port(port);
             let user = env("PGUSER")
                 .or_else(|| env("USER"))
                 .unwrap_or_else(|| "postgres".into());
@@ -542,6 +568,18 @@ fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig,
     })
 }
 
+/// Where libpq builds look for the server's socket by default: Debian/Ubuntu's, then the
+/// upstream default.
+const DEFAULT_SOCKET_DIRS: &[&str] = &["/var/run/postgresql", "/tmp"];
+
+/// libpq's default host when `PGHOST` is unset: the Unix socket directory, here the first of
+/// `dirs` holding a socket for `port`; `localhost` (TCP) when none does.
+fn default_host(dirs: &[&str], port: u16) -> String {
+    dirs.iter()
+        .find(|d| Path::new(d).join(format!(".s.PGSQL.{port}")).exists())
+        .map_or_else(|| "localhost".to_string(), |d| d.to_string())
+}
+
 /// TLS settings from libpq's `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`;
 /// errors name the variable.
 fn tls_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TlsSettings, ConfigError> {
@@ -562,6 +600,21 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(Path::new("pgvigil.yaml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn default_host_is_the_socket_directory_that_has_a_socket_else_localhost() {
+        let empty = tempfile::tempdir().unwrap();
+        let with = tempfile::tempdir().unwrap();
+        let _socket =
+            std::os::unix::net::UnixListener::bind(with.path().join(".s.PGSQL.5499")).unwrap();
+        let (e, w) = (
+            empty.path().to_str().unwrap(),
+            with.path().to_str().unwrap(),
+        );
+        assert_eq!(default_host(&[e, w], 5499), w);
+        assert_eq!(default_host(&[e, w], 5432), "localhost");
+        assert_eq!(default_host(&[e], 5499), "localhost");
     }
 
     #[test]
