@@ -201,8 +201,7 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
                 if pgvigil::collector::is_pack_text(&text) {
                     let plan =
                         pgvigil::collector::pack_plan_text(path).map_err(|e| e.to_string())?;
-                    print!("{plan}");
-                    println!("pack OK");
+                    stdout(&format!("{plan}pack OK\n"));
                     return Ok(());
                 }
             }
@@ -211,8 +210,10 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
             config
                 .resolve_targets(&pgvigil::process_env)
                 .map_err(|e| e.to_string())?;
-            print!("{}", pgvigil::collector::plan_text(&config, &catalog));
-            println!("config OK");
+            stdout(&format!(
+                "{}config OK\n",
+                pgvigil::collector::plan_text(&config, &catalog)
+            ));
             Ok(())
         }
         Some(Command::Once) => {
@@ -220,7 +221,7 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
             let report = runtime()?
                 .block_on(pgvigil::once(&config))
                 .map_err(|e| e.to_string())?;
-            print!("{}", report.text);
+            stdout(&report.text);
             if report.problems.is_empty() {
                 Ok(())
             } else {
@@ -233,6 +234,18 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
         Some(Command::Demo) => runtime()?
             .block_on(pgvigil::demo::run(cli.listen, shutdown_signal()))
             .map_err(|e| Failure::Error(e.to_string())),
+    }
+}
+
+/// Writes `text` to stdout. A reader that went away (`pgvigil once | head`) is not an
+/// error worth a panic: the rest is dropped, as `cat` does.
+fn stdout(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("pgvigil: cannot write to stdout: {e}");
+        }
     }
 }
 

@@ -285,6 +285,29 @@ fn check_config_takes_a_pack_file_on_its_own() {
 }
 
 #[test]
+fn a_reader_that_goes_away_is_no_panic() {
+    // `pgvigil check-config | head -1`: the pipe closes before the plan is written.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "pgvigil.yaml",
+        "targets:\n  - name: a\n    dsn: host=db.example\n",
+    );
+    let mut child = pgvigil()
+        .arg("check-config")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
+
+#[test]
 fn good_config_prints_the_plan() {
     let dir = tempfile::tempdir().unwrap();
     let (_, out) = check_config(
