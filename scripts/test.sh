@@ -40,6 +40,13 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
     echo "prometheus/promtool not found; installing the prometheus package"
     apt_install prometheus
 fi
+# curl and openssl are the clients of the web-security and TLS tests.
+for tool in curl openssl; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "$tool not found; installing it"
+        apt_install "$tool"
+    fi
+done
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
     echo "error: still no /usr/lib/postgresql/*/bin/postgres after installing" >&2
     exit 1

@@ -20,6 +20,14 @@ struct Cli {
     /// Address to serve /metrics on (overrides `listen` in the config; default 127.0.0.1:9187).
     #[arg(long, global = true, env = "PGVIGIL_LISTEN")]
     listen: Option<std::net::SocketAddr>,
+    /// HTTPS and basic auth for the listener: a web.yml in Prometheus exporter-toolkit's
+    /// format (overrides `web_config_file` in the config).
+    #[arg(
+        long = "web.config.file",
+        global = true,
+        env = "PGVIGIL_WEB_CONFIG_FILE"
+    )]
+    web_config_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -155,6 +163,7 @@ fn init_logging(format: &str) {
 fn load_config(
     path: Option<&PathBuf>,
     listen: Option<std::net::SocketAddr>,
+    web: Option<&PathBuf>,
 ) -> Result<Config, String> {
     let mut config = match path {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
@@ -165,6 +174,9 @@ fn load_config(
         .map_err(|e| e.to_string())?;
     if let Some(l) = listen {
         config.listen = l;
+    }
+    if let Some(w) = web {
+        config.web_config_file = Some(w.clone());
     }
     Ok(config)
 }
@@ -180,9 +192,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 fn real_main(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         None => {
-            let config = load_config(cli.config.as_ref(), cli.listen)?;
-            let (path, listen) = (cli.config.clone(), cli.listen);
-            let reload: pgvigil::Reload = Box::new(move || load_config(path.as_ref(), listen));
+            let config = load_config(
+                cli.config.as_ref(),
+                cli.listen,
+                cli.web_config_file.as_ref(),
+            )?;
+            let (path, listen, web) = (cli.config.clone(), cli.listen, cli.web_config_file.clone());
+            let reload: pgvigil::Reload =
+                Box::new(move || load_config(path.as_ref(), listen, web.as_ref()));
             runtime()?
                 .block_on(pgvigil::run(
                     config,
@@ -205,7 +222,10 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
                     return Ok(());
                 }
             }
-            let config = load_config(file, cli.listen)?;
+            let config = load_config(file, cli.listen, cli.web_config_file.as_ref())?;
+            if let Some(web) = &config.web_config_file {
+                pgvigil::web::Web::load(web).map_err(|e| e.to_string())?;
+            }
             let catalog = Catalog::load(&config.collectors).map_err(|e| e.to_string())?;
             config
                 .resolve_targets(&pgvigil::process_env)
@@ -217,7 +237,7 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Some(Command::Once) => {
-            let config = load_config(cli.config.as_ref(), cli.listen)?;
+            let config = load_config(cli.config.as_ref(), cli.listen, None)?;
             let report = runtime()?
                 .block_on(pgvigil::once(&config))
                 .map_err(|e| e.to_string())?;

@@ -74,13 +74,46 @@ fn every_config_and_pack_block_passes_check_config() {
     let secret = write(dir.path(), "secret", "hunter2\n");
     let packs = dir.path().join("queries");
     std::fs::create_dir(&packs).unwrap();
+    let yaml = blocks("yaml");
+    // The web.yml example, with the certificate files it names made real; the configs that
+    // name /etc/pgvigil/web.yml get it.
+    let web = dir.path().join("web.yml");
+    let (web_line, web_text) = yaml
+        .iter()
+        .find(|(_, t)| t.starts_with("tls_server_config:"))
+        .expect("README has a web.yml example");
+    let web_dir = dir.path();
+    for name in ["tls.crt", "tls.key", "clients-ca.crt"] {
+        assert!(web_text.contains(name), "README.md:{web_line}: {name}");
+    }
+    std::fs::copy(&ca, web_dir.join("tls.crt")).unwrap();
+    std::fs::copy(dir.path().join("ca.key"), web_dir.join("tls.key")).unwrap();
+    std::fs::copy(&ca, web_dir.join("clients-ca.crt")).unwrap();
+    std::fs::write(&web, web_text).unwrap();
+    let out = pgvigil()
+        .arg("check-config")
+        .arg(write(
+            dir.path(),
+            "with-web.yaml",
+            &format!(
+                "web_config_file: {}\ntargets:\n  - name: a\n    dsn: host=db.example\n",
+                web.display()
+            ),
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "README.md:{web_line}: the web.yml example does not load:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The placeholders the README marks, made real.
     let substitute = |text: &str| {
         text.replace("/etc/pgvigil/ca.crt", ca.to_str().unwrap())
             .replace("/run/secrets/pgvigil", secret.to_str().unwrap())
             .replace("/etc/pgvigil/queries", packs.to_str().unwrap())
+            .replace("/etc/pgvigil/web.yml", web.to_str().unwrap())
     };
-    let yaml = blocks("yaml");
     assert!(yaml.len() >= 4, "README yaml blocks: {}", yaml.len());
     let (mut configs, mut packs_checked, mut foreign) = (0, 0, 0);
     for (line, text) in &yaml {
@@ -91,6 +124,9 @@ fn every_config_and_pack_block_passes_check_config() {
             .and_then(|m| m.keys().next())
             .and_then(|k| k.as_str())
             .unwrap_or_else(|| panic!("README.md:{line}: a YAML block that is not a mapping"));
+        if first_key == "tls_server_config" {
+            continue; // the web.yml example, checked above
+        }
         if FOREIGN_KEYS.contains(&first_key) {
             foreign += 1;
             continue;

@@ -58,6 +58,9 @@ pub struct Config {
     /// Slow-query spans over OTLP.
     #[serde(default)]
     pub tracing: TracingConfig,
+    /// HTTPS and basic auth for the listener, in exporter-toolkit's `web.yml` format.
+    #[serde(default)]
+    pub web_config_file: Option<PathBuf>,
 }
 
 /// The `activity:` section: the per-target `pg_stat_activity` sampler, which feeds
@@ -205,6 +208,7 @@ impl Default for Config {
             tables: TablesConfig::default(),
             activity: ActivityConfig::default(),
             tracing: TracingConfig::default(),
+            web_config_file: None,
         }
     }
 }
