@@ -13,6 +13,7 @@ use serde::Deserialize;
 pub use crate::postgres::dsn::{describe, Dsn};
 pub use types::{Interval, LabelName, MetricName, Pattern};
 
+use crate::postgres::password::PasswordSource;
 use crate::postgres::tls::{TlsParams, TlsSettings};
 use crate::yaml::{self, YamlError};
 
@@ -496,6 +497,18 @@ impl Config {
                         pg.password(pw);
                     }
                 }
+                // Read again at every connect: a rotated password_file or password file
+                // needs no restart. libpq's default password file is PGPASSFILE, else
+                // ~/.pgpass.
+                let mut password = t.dsn.2.clone();
+                password.file = t.password_file.clone();
+                if password.passfile.is_none() {
+                    password.passfile = env("PGPASSFILE").map(PathBuf::from).or_else(|| {
+                        env("HOME")
+                            .filter(|h| !h.is_empty())
+                            .map(|h| PathBuf::from(h).join(".pgpass"))
+                    });
+                }
                 if pg.get_application_name().is_none() {
                     pg.application_name("pgvigil");
                 }
@@ -503,7 +516,7 @@ impl Config {
                 labels.extend(t.labels.iter().map(|(k, v)| (k.0.clone(), v.clone())));
                 Ok(Target {
                     name: t.name.clone(),
-                    pg: Dsn(pg, t.dsn.1.clone()),
+                    pg: Dsn(pg, t.dsn.1.clone(), password),
                     labels,
                     databases: t.databases.clone(),
                     max_connections: t.max_connections.0,
@@ -554,7 +567,7 @@ fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig,
             }
             let tls = tls_from_env(env)?;
             pg.ssl_mode(tls.driver_mode());
-            Dsn(pg, tls)
+            Dsn(pg, tls, PasswordSource::default())
         }
     };
     // `host:port`, also for a Unix socket (`/var/run/postgresql:5432`).

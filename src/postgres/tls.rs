@@ -103,6 +103,9 @@ pub struct TlsParams {
     pub sslrootcert: Option<String>,
     pub sslcert: Option<String>,
     pub sslkey: Option<String>,
+    /// libpq's `passfile`, which the driver does not know either; taken out of the DSN
+    /// with the TLS parameters and handed to [`crate::postgres::password`].
+    pub passfile: Option<String>,
 }
 
 impl TlsParams {
@@ -114,6 +117,7 @@ impl TlsParams {
             "sslrootcert" => &mut self.sslrootcert,
             "sslcert" => &mut self.sslcert,
             "sslkey" => &mut self.sslkey,
+            "passfile" => &mut self.passfile,
             _ => return false,
         };
         *slot = Some(value);
