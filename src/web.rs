@@ -207,6 +207,53 @@ impl Web {
     }
 }
 
+/// `pgvigil healthcheck`: GET `/healthz` on pgvigil's own listener at `addr` (an
+/// unspecified address such as `0.0.0.0` becomes loopback), over TLS when `tls` (the
+/// certificate is not checked: it is our own listener), within `timeout`. `Err` says why.
+pub fn healthcheck(
+    addr: std::net::SocketAddr,
+    tls: bool,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let tcp = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    tcp.set_read_timeout(Some(timeout)).ok();
+    tcp.set_write_timeout(Some(timeout)).ok();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut response = Vec::new();
+    let io = |e: std::io::Error| format!("{addr}: {e}");
+    if tls {
+        let config = Arc::new(crate::postgres::tls::encrypt_only_client_config());
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        stream.write_all(request.as_bytes()).map_err(io)?;
+        // A peer that closes without close_notify still gave us the status line.
+        let _ = stream.read_to_end(&mut response);
+    } else {
+        let mut tcp = tcp;
+        tcp.write_all(request.as_bytes()).map_err(io)?;
+        tcp.read_to_end(&mut response).map_err(io)?;
+    }
+    let text = String::from_utf8_lossy(&response);
+    let status = text.lines().next().unwrap_or("");
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(())
+    } else if status.is_empty() {
+        Err(format!("{addr}: no HTTP response"))
+    } else {
+        Err(format!("{addr}: {status}"))
+    }
+}
+
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }

@@ -303,3 +303,49 @@ fn a_broken_web_config_stops_the_start_with_its_location() {
         );
     }
 }
+
+#[test]
+fn healthcheck_answers_for_plain_and_https_listeners_and_fails_on_a_closed_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pki(d, "0x3001");
+    let healthcheck = |addr: String, web: &Path| {
+        common::binary::command()
+            .args(["healthcheck", "--listen", &addr, "--web.config.file"])
+            .arg(web)
+            .output()
+            .unwrap()
+    };
+    let https = start(
+        d,
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n",
+    );
+    let out = healthcheck(https.addr().to_string(), &d.join("web.yml"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same listener asked over plain HTTP is not healthy: the check follows the config.
+    let plain_web = write(d, "plain.yml", "");
+    let out = healthcheck(https.addr().to_string(), &plain_web);
+    assert_eq!(out.status.code(), Some(1));
+    drop(https);
+
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = start(plain_dir.path(), "");
+    // 0.0.0.0 (as in the container image) is checked on loopback.
+    let port = plain.addr().port();
+    let out = healthcheck(format!("0.0.0.0:{port}"), &plain_dir.path().join("web.yml"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(plain);
+
+    let out = healthcheck(format!("127.0.0.1:{}", free_port()), &plain_web);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("unhealthy: cannot connect"), "{stderr}");
+}

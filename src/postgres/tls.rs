@@ -350,6 +350,19 @@ pub fn connector(settings: &TlsSettings) -> Result<MakeRustlsConnect, TlsConfigE
     Ok(MakeRustlsConnect::new(config))
 }
 
+/// A client config that encrypts but accepts any server certificate: for `pgvigil
+/// healthcheck`, which talks to its own listener on loopback.
+pub fn encrypt_only_client_config() -> ClientConfig {
+    let provider = Arc::new(provider());
+    let algorithms = provider.signature_verification_algorithms;
+    ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(algorithms)))
+        .with_no_client_auth()
+}
+
 /// Whether a connect error is the server's certificate being rejected (not a network or
 /// protocol problem), looking through the driver's and tokio's wrappers.
 pub fn is_certificate_rejected(e: &(dyn std::error::Error + 'static)) -> bool {
