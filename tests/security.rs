@@ -376,3 +376,56 @@ fn tls_plaintext_tcp_and_unix_socket_connections_are_counted_apart() {
         );
     }
 }
+
+/// The real binary as a `pg_monitor` role: `pgvigil once` succeeds (a skip is not a
+/// problem), the skip is logged with the grant that enables the collector, and
+/// `check-config` shows that grant in the plan.
+#[test]
+fn the_hba_skip_is_logged_once_with_the_grant_that_enables_it() {
+    let pg = cluster(&[]);
+    let monitor = pg_monitor_dsn(&pg, "postgres");
+    let out = common::binary::command()
+        .arg("once")
+        .env("DATA_SOURCE_NAME", &monitor)
+        .env("PGVIGIL_LOG", "info")
+        .output()
+        .expect("run pgvigil once");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let s = parse(&stdout);
+    assert_ran(&s, "pg_monitor (pgvigil once)", &["hba_file_rules"]);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("pg_hba_file_rules"))
+        .collect();
+    assert_eq!(lines.len(), 1, "logged once:\n{stderr}");
+    assert!(
+        lines[0].contains("permission denied")
+            && lines[0].contains("collector skipped")
+            && lines[0].contains(
+                "GRANT SELECT ON pg_hba_file_rules TO <role>; GRANT EXECUTE ON FUNCTION pg_hba_file_rules() TO <role>"
+            ),
+        "{}",
+        lines[0]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "pgvigil.yaml",
+        &format!("targets:\n  - name: a\n    dsn: \"{monitor}\"\n"),
+    );
+    let out = common::binary::command()
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run pgvigil check-config");
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{plan}");
+    assert!(
+        plan.contains("  hba_file_rules [cluster]")
+            && plan.contains("needs a superuser, or: GRANT SELECT ON pg_hba_file_rules"),
+        "{plan}"
+    );
+}
