@@ -205,6 +205,14 @@ fn archiving_alert_fires_and_resolves_and_every_dashboard_panel_evaluates() {
         // For the planning-time panel.
         ("pg_stat_statements.track_planning", "on"),
     ]);
+    // For the security panels: a password that expires, a policy with RLS off.
+    pg.psql(
+        "postgres",
+        "CREATE ROLE expiring LOGIN VALID UNTIL '2099-01-01 00:00:00+00';
+         CREATE TABLE guarded (id int, owner text);
+         CREATE POLICY own_rows ON guarded USING (owner = current_user);",
+    )
+    .unwrap();
     let run = start(config(&one_target(&pg.dsn(), "")));
     let rules = with_short_for(RULES, &[ARCHIVING_FAILING], SHORT_FOR);
     let prom = Prometheus::start_with_rules(run.addr, Some(&rules));

@@ -123,6 +123,13 @@ fn collectors_text(
         if let Some(ext) = &c.requires.extension {
             let _ = writeln!(out, "      requires extension {ext}");
         }
+        if let Some(grant) = &c.requires.grant {
+            let _ = writeln!(
+                out,
+                "      needs a superuser, or: {} (skipped where denied)",
+                grant.trim()
+            );
+        }
         let _ = writeln!(out, "      {}", variant_plan(&c.queries));
         if c.cache.is_some() {
             let _ = writeln!(

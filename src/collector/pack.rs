@@ -57,6 +57,10 @@ pub const BUILTIN_PACKS: &[(&str, &str)] = &[
         "queries/dbload.yaml",
         include_str!("../../queries/dbload.yaml"),
     ),
+    (
+        "queries/security.yaml",
+        include_str!("../../queries/security.yaml"),
+    ),
 ];
 
 /// Errors while loading packs.
@@ -255,6 +259,13 @@ pub struct Requires {
     /// An extension that must be installed in the database (e.g. `pg_stat_statements`).
     #[serde(default)]
     pub extension: Option<String>,
+    /// The statement(s) that give a role without the privilege the query needs (beyond
+    /// `pg_monitor`) what it needs, e.g. `GRANT SELECT ON pg_hba_file_rules TO <role>`.
+    /// Where the query is denied (SQLSTATE 42501) the collector is skipped by plan
+    /// (`missing_privilege`) and the once-logged line says this, so the operator knows what
+    /// to grant, instead of only the server's "permission denied".
+    #[serde(default)]
+    pub grant: Option<String>,
 }
 
 /// A collector name: lower-case identifier, used in self-metric labels and in `disable`.
