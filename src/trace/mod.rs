@@ -80,10 +80,9 @@ pub fn endpoint(
             }
         },
     };
-    Ok(Some(export::Endpoint {
-        url: cfg.otlp_endpoint.clone(),
-        protocol,
-    }))
+    export::Endpoint::resolve(cfg, protocol, env)
+        .map(Some)
+        .map_err(TraceError)
 }
 
 /// The name under which the sampler's health and snapshot are kept: the collector of
@@ -162,13 +161,14 @@ impl Plan {
         );
         if let Some(endpoint) = &self.endpoint {
             text.push_str(&format!(
-                "; tracing: slow-query spans (>= {}) to {} over {:?}",
+                "; tracing: slow-query spans (>= {}) to {} over {:?} ({})",
                 self.cfg.slow_query_threshold,
                 endpoint
                     .url
                     .as_deref()
                     .unwrap_or("the OTEL_EXPORTER_OTLP_* endpoint"),
-                endpoint.protocol
+                endpoint.protocol,
+                endpoint.describe_transport()
             ));
         }
         text
