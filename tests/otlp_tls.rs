@@ -285,9 +285,42 @@ fn mutual_tls_and_gzip() {
     assert_eq!(recv.spans().len(), 1, "only the mutual-TLS span arrived");
 }
 
+/// A CA file replaced under the same path (a rotation) is read again on `SIGHUP`: the
+/// exporter restarts with it although the config text did not change.
+#[test]
+fn rotated_ca_file_is_read_again_on_reload() {
+    let pki = pki();
+    let pg = cluster(&[]);
+    let otlp = free_addr();
+    let recv = Proto::Grpc.receiver(otlp, &pki.server);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("otlp-ca.pem");
+    std::fs::copy(&pki.other_ca, &ca).unwrap();
+    let mut pgvigil = pgvigil(
+        dir.path(),
+        &pg.dsn(),
+        otlp,
+        Proto::Grpc,
+        &format!("  certificate: {}\n", p(&ca)),
+        &[],
+    );
+    slow_query(&pg, "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(span_counts(&pgvigil, |_, f| f >= 1.0), (0.0, 1.0));
+
+    std::fs::copy(&pki.ca, &ca).unwrap();
+    pgvigil.signal("HUP");
+    pgvigil.wait_for_log("configuration reloaded", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(800));
+    slow_query(&pg, T);
+    wait_for_span(&recv, T);
+    let (exported, _) = span_counts(&pgvigil, |e, _| e >= 1.0);
+    assert_eq!(exported, 1.0);
+}
+
 /// A certificate setting that cannot be used stops startup with a message naming it.
 #[test]
 fn bad_certificate_settings_stop_startup_with_their_name() {
+    let pki = pki();
     let dir = tempfile::tempdir().unwrap();
     let not_pem = write(dir.path(), "ca.pem", "not a certificate\n");
     let cfg = write(
@@ -305,7 +338,7 @@ fn bad_certificate_settings_stop_startup_with_their_name() {
     let not_pem = p(&not_pem);
     // (config file, environment, expected in the error)
     type Case<'a> = (PathBuf, Vec<(&'a str, &'a str)>, &'a str);
-    let cases: Vec<Case> = vec![
+    let mut cases: Vec<Case> = vec![
         (
             cfg.clone(),
             vec![(
@@ -341,6 +374,15 @@ fn bad_certificate_settings_stop_startup_with_their_name() {
             "tracing.client_certificate: cannot read \"/nonexistent/client.crt\"",
         ),
     ];
+    let wrong_key = pki.other_ca.with_extension("key");
+    cases.push((
+        cfg.clone(),
+        vec![
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", p(&pki.client_crt)),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", p(&wrong_key)),
+        ],
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY: not a usable certificate and key pair",
+    ));
     for (config, env, want) in cases {
         let out = binary::command()
             .args(["--config", p(&config)])

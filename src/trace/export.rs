@@ -3,6 +3,7 @@
 //! counted; a failed or timed-out export drops its batch, counted too. Memory is bounded
 //! by the queue size whatever the receiver does.
 
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -51,6 +52,9 @@ pub struct Tls {
     identity: Option<(Vec<u8>, Vec<u8>)>,
     /// The same roots and identity for the HTTP exporter's client (rustls with `ring`).
     http: Arc<rustls::ClientConfig>,
+    /// A hash of the files' contents, so a reload restarts the exporter when a
+    /// certificate was rotated under the same path.
+    fingerprint: u64,
 }
 
 impl std::fmt::Debug for Tls {
@@ -180,6 +184,11 @@ impl Endpoint {
         })
     }
 
+    /// Changes when the certificate files' contents change (0 without TLS).
+    pub fn fingerprint(&self) -> u64 {
+        self.tls.as_ref().map_or(0, |t| t.fingerprint)
+    }
+
     /// TLS and compression, for the log.
     pub fn describe_transport(&self) -> String {
         let tls = match &self.tls {
@@ -210,11 +219,16 @@ impl Tls {
         let ca = path_setting(cfg.certificate.as_ref(), CERTIFICATE, env);
         let cert = path_setting(cfg.client_certificate.as_ref(), CLIENT_CERTIFICATE, env);
         let key = path_setting(cfg.client_key.as_ref(), CLIENT_KEY, env);
+        let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
         let custom = match &ca {
-            Some((from, path)) => Some((
-                ca_store(from, path)?,
-                format!("{from} ({})", path.display()),
-            )),
+            Some((from, path)) => {
+                let certs = read_certs(from, path).map_err(|e| e.to_string())?;
+                certs.hash(&mut fingerprint);
+                Some((
+                    ca_store(from, path, certs)?,
+                    format!("{from} ({})", path.display()),
+                ))
+            }
             None => None,
         };
         let identity = match (cert, key) {
@@ -235,6 +249,9 @@ impl Tls {
                 ))
             }
         };
+        if let Some(id) = &identity {
+            (&id.cert_pem, &id.key_pem).hash(&mut fingerprint);
+        }
         if !https {
             if custom.is_some() || identity.is_some() {
                 tracing::warn!(
@@ -279,6 +296,7 @@ impl Tls {
             roots_from,
             identity: identity.map(|id| (id.cert_pem, id.key_pem)),
             http: Arc::new(http),
+            fingerprint: fingerprint.finish(),
         }))
     }
 
@@ -303,10 +321,13 @@ impl Tls {
 }
 
 /// The CA file as a root store: at least one usable certificate.
-fn ca_store(from: &'static str, path: &Path) -> Result<Arc<RootCertStore>, String> {
+fn ca_store(
+    from: &'static str,
+    path: &Path,
+    certs: Vec<CertificateDer<'static>>,
+) -> Result<Arc<RootCertStore>, String> {
     let mut store = RootCertStore::empty();
-    let (added, _) =
-        store.add_parsable_certificates(read_certs(from, path).map_err(|e| e.to_string())?);
+    let (added, _) = store.add_parsable_certificates(certs);
     if added == 0 {
         return Err(format!(
             "{from}: \"{}\": no usable CA certificate in the file",

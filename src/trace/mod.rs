@@ -174,6 +174,15 @@ impl Plan {
         text
     }
 
+    /// What, beyond the config, a running exporter depends on: the contents of its
+    /// certificate files. A reload restarts the sampler when it changes.
+    pub fn files_key(&self) -> String {
+        self.endpoint
+            .as_ref()
+            .map(|e| format!("{:x}", e.fingerprint()))
+            .unwrap_or_default()
+    }
+
     /// Starts a sampler (and, with tracing on, an exporter) for `t`; they stop when
     /// `shutdown` turns true.
     pub fn start(
