@@ -55,6 +55,8 @@ enum Command {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    // Before any thread starts: it changes the process environment.
+    pgvigil::trace::export::take_compression_env();
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     raise_open_file_limit();

@@ -80,10 +80,9 @@ pub fn endpoint(
             }
         },
     };
-    Ok(Some(export::Endpoint {
-        url: cfg.otlp_endpoint.clone(),
-        protocol,
-    }))
+    export::Endpoint::resolve(cfg, protocol, env)
+        .map(Some)
+        .map_err(TraceError)
 }
 
 /// The name under which the sampler's health and snapshot are kept: the collector of
@@ -162,16 +161,26 @@ impl Plan {
         );
         if let Some(endpoint) = &self.endpoint {
             text.push_str(&format!(
-                "; tracing: slow-query spans (>= {}) to {} over {:?}",
+                "; tracing: slow-query spans (>= {}) to {} over {:?} ({})",
                 self.cfg.slow_query_threshold,
                 endpoint
                     .url
                     .as_deref()
                     .unwrap_or("the OTEL_EXPORTER_OTLP_* endpoint"),
-                endpoint.protocol
+                endpoint.protocol,
+                endpoint.describe_transport()
             ));
         }
         text
+    }
+
+    /// What, beyond the config, a running exporter depends on: the contents of its
+    /// certificate files. A reload restarts the sampler when it changes.
+    pub fn files_key(&self) -> String {
+        self.endpoint
+            .as_ref()
+            .map(|e| format!("{:x}", e.fingerprint()))
+            .unwrap_or_default()
     }
 
     /// Starts a sampler (and, with tracing on, an exporter) for `t`; they stop when
