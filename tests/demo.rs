@@ -91,6 +91,10 @@ struct Seen {
     slot_retained_bytes: f64,
     slot_gone_after_drop: bool,
     replay_paused: bool,
+    /// The checkout lookup's queryids (one: every duration is the same statement).
+    checkout_queryids: std::collections::BTreeSet<String>,
+    /// Its largest window stddev / mean (PostgresQueryErratic wants > 2).
+    checkout_cv: f64,
 }
 
 impl Seen {
@@ -103,6 +107,7 @@ impl Seen {
             && self.slot_retained_bytes > 0.0
             && self.slot_gone_after_drop
             && self.replay_paused
+            && self.checkout_cv > 2.0
     }
 
     /// `slot_dropped_a_poll_ago`: the drop was announced more than a poll interval ago, so
@@ -176,6 +181,24 @@ impl Seen {
         if v("pg_replication_replay_paused", &standby) == Some(1.0) {
             self.replay_paused = true;
         }
+        for info in find(s, "pg_stat_statements_query_info", &demo) {
+            let query = info.labels.get("query").map(String::as_str).unwrap_or("");
+            let Some(id) = info.labels.get("queryid") else {
+                continue;
+            };
+            if !query.starts_with("SELECT o.id, o.total, pg_sleep(") {
+                continue;
+            }
+            self.checkout_queryids.insert(id.clone());
+            let q = [("target", "demo"), ("queryid", id.as_str())];
+            let stddev = v("pg_stat_statements_window_exec_seconds_stddev", &q);
+            let mean = v("pg_stat_statements_window_exec_seconds_mean", &q);
+            if let (Some(sd), Some(m)) = (stddev, mean) {
+                if m > 0.0 {
+                    self.checkout_cv = self.checkout_cv.max(sd / m);
+                }
+            }
+        }
     }
 }
 
@@ -208,6 +231,12 @@ fn demo_reproduces_the_outages_on_its_timeline() {
         std::thread::sleep(Duration::from_secs(1));
     }
     println!("seen: {seen:?}");
+    assert_eq!(
+        seen.checkout_queryids.len(),
+        1,
+        "the checkout lookup is one statement whatever its duration: {:?}",
+        seen.checkout_queryids
+    );
     // The idle session really idled: at least one poll saw it idle for a few seconds.
     assert!(
         seen.idle_in_transaction_seconds >= 2.0,

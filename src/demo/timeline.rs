@@ -105,7 +105,7 @@ pub(super) const SCHEDULE: &[Scenario] = &[
             Step::Primary("SELECT pg_switch_wal()"),
         ],
         alert: Some(("PostgresWalArchivingFailing", min(11))),
-        shows: "Operations: WAL archiving (failures, last archived, pending files)",
+        shows: "Operations › Archiving: Archiving failing, Segments archived and failed per second",
         needs_standby: false,
     },
     Scenario {
@@ -119,7 +119,8 @@ pub(super) const SCHEDULE: &[Scenario] = &[
         )],
         end: &[Step::CloseIdleSession],
         alert: Some(("PostgresIdleInTransaction", min(7))),
-        shows: "Operations: long transactions (oldest idle in transaction)",
+        shows: "Operations › Connections and long transactions: Oldest transaction, query and \
+                idle-in-transaction session",
         needs_standby: false,
     },
     Scenario {
@@ -135,8 +136,8 @@ pub(super) const SCHEDULE: &[Scenario] = &[
             "SELECT pg_drop_replication_slot('demo_forgotten_standby')",
         )],
         alert: None,
-        shows: "Operations: replication slots (retained WAL, inactive); \
-                PostgresReplicationSlotInactive waits for 5 GiB, more than the demo writes",
+        shows: "Operations › Replication and slots: WAL retained by slots, Slots \
+                (PostgresReplicationSlotInactive waits for 5 GiB, more than the demo writes)",
         needs_standby: false,
     },
     Scenario {
@@ -148,7 +149,8 @@ pub(super) const SCHEDULE: &[Scenario] = &[
         begin: &[Step::Erratic(true)],
         end: &[Step::Erratic(false)],
         alert: Some(("PostgresQueryErratic", min(21))),
-        shows: "Queries: erratic queries (window stddev / mean); its slow executions as spans",
+        shows: "Queries › Erratic queries: Window stddev: most variable 10, Erratic queries; \
+                its slow executions as console spans",
         needs_standby: false,
     },
     Scenario {
@@ -160,7 +162,7 @@ pub(super) const SCHEDULE: &[Scenario] = &[
         begin: &[Step::Standby("SELECT pg_wal_replay_pause()")],
         end: &[Step::Standby("SELECT pg_wal_replay_resume()")],
         alert: Some(("PostgresStandbyReplayDelay", min(11))),
-        shows: "Operations: replication (replay delay, lag bytes, replay paused)",
+        shows: "Operations › Replication and slots: Replay delay (standby), Standby lag (bytes)",
         needs_standby: true,
     },
 ];
@@ -526,9 +528,11 @@ fn erratic_query(servers: &Servers, erratic: &AtomicBool, stop: &AtomicBool) {
     }
 }
 
+/// One call of [`ERRATIC_SQL`]. The duration always has decimals: `3` would be an integer
+/// constant, a different parse tree, and so a different queryid than `1.5`.
 fn erratic_sql(secs: f64, id: usize) -> String {
     ERRATIC_SQL
-        .replace("{secs}", &secs.to_string())
+        .replace("{secs}", &format!("{secs:.3}"))
         .replace("{id}", &(id % 10_000 + 1).to_string())
         + ";\n"
 }
@@ -600,8 +604,9 @@ mod tests {
     fn erratic_sql_is_one_statement_per_line() {
         assert_eq!(
             erratic_sql(0.01, 3),
-            "SELECT o.id, o.total, pg_sleep(0.01) FROM orders o WHERE o.id = 4 /* checkout lookup */;\n"
+            "SELECT o.id, o.total, pg_sleep(0.010) FROM orders o WHERE o.id = 4 /* checkout lookup */;\n"
         );
+        assert!(erratic_sql(3.0, 1).contains("pg_sleep(3.000)"));
         assert_eq!(
             with_application_name("postgresql://u@h:1/shop?sslmode=disable", "x"),
             "postgresql://u@h:1/shop?sslmode=disable&application_name=x"
