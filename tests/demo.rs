@@ -56,7 +56,8 @@ fn interrupt_and_check_cleanup(mut demo: Pgvigil, expect_dirs: usize) {
         assert!(d.exists(), "{} exists while the demo runs", d.display());
     }
     demo.signal("INT");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let interrupted = Instant::now();
+    let deadline = interrupted + Duration::from_secs(120);
     while demo.is_running() {
         assert!(
             Instant::now() < deadline,
@@ -65,6 +66,7 @@ fn interrupt_and_check_cleanup(mut demo: Pgvigil, expect_dirs: usize) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    println!("the demo exited {:?} after SIGINT", interrupted.elapsed());
     let log = demo.stop();
     assert!(
         log.contains("pgvigil demo: stopped and cleaned up"),

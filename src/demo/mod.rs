@@ -305,3 +305,39 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_config_scrapes_the_listen_address_and_names_the_rules() {
+        let addr: SocketAddr = "0.0.0.0:9187".parse().unwrap();
+        let text = prometheus_config(addr, Some(Path::new("/opt/pg\"vigil/rules.yml")));
+        assert!(
+            text.contains("\n  - \"/opt/pg\\\"vigil/rules.yml\"\n"),
+            "{text}"
+        );
+        assert!(text.contains("- targets: [\"127.0.0.1:9187\"]"), "{text}");
+        assert!(text.contains("scrape_interval: 5s"), "{text}");
+        let v6: SocketAddr = "[::]:9187".parse().unwrap();
+        assert!(prometheus_config(v6, None).contains("[\"[::1]:9187\"]"));
+        let local: SocketAddr = "127.0.0.2:1234".parse().unwrap();
+        assert!(prometheus_config(local, None).contains("[\"127.0.0.2:1234\"]"));
+    }
+
+    #[test]
+    fn timeline_scale_is_a_positive_number() {
+        assert_eq!(parse_timeline_scale("0.05"), Ok(0.05));
+        assert_eq!(parse_timeline_scale("1"), Ok(1.0));
+        for bad in ["0", "-1", "x", "", "101", "NaN", "inf"] {
+            let e = parse_timeline_scale(bad).expect_err(bad);
+            assert!(e.contains("is not a timeline scale"), "{e}");
+        }
+    }
+
+    #[test]
+    fn sql_literals_double_quotes() {
+        assert_eq!(sql_literal("it's"), "'it''s'");
+    }
+}
