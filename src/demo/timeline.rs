@@ -517,29 +517,13 @@ fn erratic_query(servers: &Servers, erratic: &AtomicBool, stop: &AtomicBool) {
             if let Some(mut stdin) = c.stdin.take() {
                 let _ = stdin.write_all(script.as_bytes());
             }
-            wait_or_kill(&mut c, stop);
+            super::workload::wait_or_kill(&mut c, stop);
         }
         for _ in 0..5 {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
             thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// Waits for our own child `c`; kills it (by its handle) when the demo stops, so that
-/// Ctrl-C does not wait for a slow execution.
-fn wait_or_kill(c: &mut Child, stop: &AtomicBool) {
-    loop {
-        match c.try_wait() {
-            Ok(Some(_)) | Err(_) => return,
-            Ok(None) if stop.load(Ordering::Relaxed) => {
-                let _ = c.kill();
-                let _ = c.wait();
-                return;
-            }
-            Ok(None) => thread::sleep(Duration::from_millis(50)),
         }
     }
 }
