@@ -3,7 +3,9 @@
 //! /metrics and its stderr. The standby is a second target in recovery; archiving fails
 //! (failures counted, `failing` 1) and recovers (a segment archived after the last
 //! failure); a session idles in its transaction; a slot retains WAL, then is dropped; the
-//! erratic query's slow executions are printed as spans; Ctrl-C removes everything.
+//! erratic query's slow executions are printed as spans; a real Prometheus loading the
+//! shipped rules has the archiving alert pending while archiving fails; Ctrl-C removes
+//! everything.
 //! `--no-standby` has one target; `--print-prometheus-config` is a config promtool accepts,
 //! with the shipped rules. Needs `promtool` on PATH (scripts/test.sh installs it).
 
@@ -13,6 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::binary::{self, Pgvigil};
+use common::prometheus::Prometheus;
 use common::*;
 
 /// 30 min of timeline in 90 s: archiving fails from 3 s to 42 s, the idle transaction
@@ -97,6 +100,9 @@ struct Seen {
     checkout_queryids: std::collections::BTreeSet<String>,
     /// Its largest window stddev / mean (PostgresQueryErratic wants > 2).
     checkout_cv: f64,
+    /// A real Prometheus with the shipped rules had PostgresWalArchivingFailing pending
+    /// (its `for:` is 10 min) for target demo while archiving failed.
+    archiving_alert_pending: bool,
 }
 
 impl Seen {
@@ -110,6 +116,7 @@ impl Seen {
             && self.slot_gone_after_drop
             && self.replay_paused
             && self.checkout_cv > 2.0
+            && self.archiving_alert_pending
     }
 
     /// `slot_dropped_a_poll_ago`: the drop was announced more than a poll interval ago, so
@@ -207,6 +214,10 @@ impl Seen {
 #[test]
 fn demo_reproduces_the_outages_on_its_timeline() {
     let demo = start_demo(&[]);
+    let prom = Prometheus::start_with_rules(
+        demo.addr(),
+        Some(include_str!("../alerts/pgvigil.rules.yml")),
+    );
     let deadline = Instant::now() + TIMELINE_WAIT;
     let mut seen = Seen::default();
     let mut slot_drop_seen_at: Option<Instant> = None;
@@ -219,9 +230,18 @@ fn demo_reproduces_the_outages_on_its_timeline() {
         // The slot's series is gone only from the first poll after the drop (5 s).
         let after_drop = slot_drop_seen_at.is_some_and(|t| t.elapsed() > Duration::from_secs(6));
         seen.look(&parse(&body), &log, after_drop);
+        if log.contains("now: archiving fails") && !log.contains("now: archiving recovered") {
+            let alerts = prom.alerts().unwrap_or_default();
+            seen.archiving_alert_pending |= alerts.iter().any(|(name, state, labels)| {
+                name == "PostgresWalArchivingFailing"
+                    && state == "pending"
+                    && labels["target"] == "demo"
+            });
+        }
         assert!(
             Instant::now() < deadline,
-            "not everything seen within {TIMELINE_WAIT:?}: {seen:?}\nstderr:\n{}\nlast scrape (archiver, slots, activity):\n{}",
+            "not everything seen within {TIMELINE_WAIT:?}: {seen:?}\nprometheus:\n{}\nstderr:\n{}\nlast scrape (archiver, slots, activity):\n{}",
+            prom.log_tail(10),
             tail(&log, 40),
             body.lines()
                 .filter(|l| l.starts_with("pg_stat_archiver")
