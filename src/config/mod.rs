@@ -130,6 +130,10 @@ pub struct TracingConfig {
     /// Spans waiting for export, per target; beyond it new spans are dropped (counted).
     #[serde(default = "default_queue")]
     pub queue_size: usize,
+    /// With no OTLP endpoint, print each slow-query span on stderr instead of turning
+    /// tracing off. Not a config file key: `pgvigil demo` sets it.
+    #[serde(skip)]
+    pub console: bool,
 }
 
 /// OTLP transport.
@@ -181,6 +185,7 @@ impl Default for TracingConfig {
             compression: None,
             service_name: None,
             queue_size: default_queue(),
+            console: false,
         }
     }
 }

@@ -2,6 +2,10 @@
 //! sampler never waits on the network: when the queue is full the span is dropped and
 //! counted; a failed or timed-out export drops its batch, counted too. Memory is bounded
 //! by the queue size whatever the receiver does.
+//!
+//! The console sink ([`start_console`]) takes the same queue and prints one line per span
+//! on stderr instead ([`console_line`]): what `pgvigil demo` does when no OTLP endpoint is
+//! set, so a newcomer sees the spans without a tracing backend.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -27,6 +31,13 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a span did not reach the receiver (`pgvigil_spans_dropped_total{reason}`).
 pub const REASONS: &[&str] = &["queue_full", "export_failed", "not_sampled"];
+
+/// Where spans go: an OTLP receiver, or the console (`pgvigil demo` without an endpoint).
+#[derive(Debug, Clone)]
+pub enum Sink {
+    Otlp(Endpoint),
+    Console,
+}
 
 /// Where to send spans, and how.
 #[derive(Debug, Clone)]
@@ -451,15 +462,68 @@ pub fn start(
     store: Arc<Store>,
     target: String,
 ) -> (Queue, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
-    store.enable_spans(&target, REASONS);
-    let queue = Queue {
-        tx,
-        store: Arc::clone(&store),
-        target: target.clone(),
-    };
+    let (queue, rx) = queue(capacity, &store, &target);
     let handle = tokio::spawn(drain(rx, exporter, store, target));
     (queue, handle)
+}
+
+/// Like [`start`], but the task prints each span on stderr ([`console_line`]) and counts
+/// it as exported. Printing never fails, so nothing is dropped but for a full queue.
+pub fn start_console(
+    capacity: usize,
+    store: Arc<Store>,
+    target: String,
+) -> (Queue, tokio::task::JoinHandle<()>) {
+    let (queue, mut rx) = queue(capacity, &store, &target);
+    let handle = tokio::spawn(async move {
+        while let Some(span) = rx.recv().await {
+            eprintln!("{}", console_line(&target, &span));
+            store.count_spans(&target, None, 1);
+        }
+    });
+    (queue, handle)
+}
+
+fn queue(capacity: usize, store: &Arc<Store>, target: &str) -> (Queue, mpsc::Receiver<SpanData>) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    store.enable_spans(target, REASONS);
+    let queue = Queue {
+        tx,
+        store: Arc::clone(store),
+        target: target.to_string(),
+    };
+    (queue, rx)
+}
+
+/// Longest query text on a console line; the rest is cut with `…`.
+const CONSOLE_QUERY_MAX: usize = 120;
+
+/// One span as one console line: `span TRACE_ID DURATION target/database: QUERY`, the
+/// query being the span's masked `db.query.text` with its whitespace collapsed.
+pub fn console_line(target: &str, span: &SpanData) -> String {
+    let attr = |key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.as_str().into_owned())
+            .unwrap_or_default()
+    };
+    let secs = span
+        .end_time
+        .duration_since(span.start_time)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let query = attr("db.query.text");
+    let mut words = query.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some((cut, _)) = words.char_indices().nth(CONSOLE_QUERY_MAX) {
+        words.truncate(cut);
+        words.push('…');
+    }
+    format!(
+        "span {} {secs:.3}s {target}/{}: {words}",
+        span.span_context.trace_id(),
+        attr("db.namespace"),
+    )
 }
 
 async fn drain(
