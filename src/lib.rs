@@ -164,6 +164,9 @@ pub async fn run(
     let store = Store::new();
     let mut running = reload::Running::new(Arc::clone(&store));
     running.apply(&config, &catalog).await?;
+    if config.tracing.self_spans {
+        start_self_spans(&config)?;
+    }
     store.record_reload(true, std::time::SystemTime::now());
     tracing::info!(
         "pgvigil {} listening on {scheme}://{addr}/metrics ({} targets, {} collectors)",
@@ -209,6 +212,33 @@ pub async fn run(
     let _ = http_stop.send(true);
     let _ = serving.await;
     running.stop().await;
+    Ok(())
+}
+
+/// `tracing.self`: sends pgvigil's own spans to the tracing endpoint, when the binary
+/// installed their layer at start (see `trace::selfspans`).
+fn start_self_spans(config: &Config) -> Result<(), StartError> {
+    let Some(endpoint) = trace::endpoint(&config.tracing, &process_env)? else {
+        tracing::warn!(
+            "tracing.self is on but no OTLP endpoint is set: pgvigil's own spans are not sent"
+        );
+        return Ok(());
+    };
+    let service = config
+        .tracing
+        .service_name
+        .clone()
+        .or_else(|| process_env("OTEL_SERVICE_NAME"))
+        .unwrap_or_else(|| "pgvigil".to_string());
+    match trace::selfspans::export(&endpoint, &service) {
+        Ok(true) => tracing::info!(
+            "tracing.self: pgvigil's poll and collector spans go to the tracing endpoint"
+        ),
+        Ok(false) => tracing::warn!(
+            "tracing.self: no span layer was installed at start (turning it on takes a restart)"
+        ),
+        Err(e) => tracing::warn!("tracing.self: {e}"),
+    }
     Ok(())
 }
 

@@ -299,7 +299,8 @@ impl Running {
                 }
                 if let (Some(plan), Some(key)) = (&tracing, key) {
                     let (stop, stop_rx) = watch::channel(false);
-                    match plan.start(&target, &self.store, stop_rx) {
+                    let budget = Some(running.poller.connection_budget());
+                    match plan.start(&target, &self.store, budget, stop_rx) {
                         Ok(tracing) => running.sampler = Some(Sampler { key, stop, tracing }),
                         // The poller runs (and stays tracked); the error is reported below.
                         Err(e) => failed = failed.or(Some(e)),
