@@ -11,7 +11,7 @@
 //!                                    store ──► exposition (+ health) ──► http (/metrics)
 //!
 //! trace sampler ──(postgres::slot)──► pg_stat_activity ─┬─► trace::load (DB load) ──► store
-//!                                                        └─► trace spans ──► OTLP
+//!                                                        └─► trace spans ──(trace::explain)──► OTLP
 //! ```
 //!
 //! - [`config`]: the YAML config file, environment overrides, file:line errors.
@@ -39,7 +39,9 @@
 //!   running the query of the `activity` collector in `queries/dbload.yaml`, which the
 //!   poller skips), DB load (`trace::load`: the sampler's rows → the pack's
 //!   `pg_activity_active_seconds_total`, stored like a collector's snapshot), traceparent
-//!   parsing, slow-query spans, OTLP export (or the console, for the demo).
+//!   parsing, slow-query spans, their generic plans (`trace::explain`, opt-in), OTLP
+//!   export (or the console, for the demo); pgvigil's own poll and collector spans
+//!   (`trace::selfspans`, opt-in).
 //! - [`metric`]: the metric model every stage passes on (type, family, sample).
 //! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
 //! - [`yaml`]: YAML → typed values with file, line and field in every error.

@@ -85,6 +85,23 @@ impl TargetPoller {
         tables: TablesConfig,
         store: Arc<Store>,
     ) -> Arc<TargetPoller> {
+        TargetPoller::sharing(
+            target, collectors, defaults, statements, tables, store, None,
+        )
+    }
+
+    /// [`TargetPoller::new`] with the connection budget of a poller it replaces (see
+    /// [`TargetPoller::budget_to_share`]), so the sessions of both, and those that other
+    /// parts opened from that budget, never exceed `max_connections` together.
+    pub fn sharing(
+        target: Target,
+        collectors: Arc<Vec<CollectorDef>>,
+        defaults: CollectorDefaults,
+        statements: StatementsConfig,
+        tables: TablesConfig,
+        store: Arc<Store>,
+        budget: Option<Arc<Semaphore>>,
+    ) -> Arc<TargetPoller> {
         let base_labels: Vec<(Arc<str>, String)> = target
             .labels
             .iter()
@@ -93,7 +110,8 @@ impl TargetPoller {
         store.add_target(&target.name, base_labels.clone());
         let pending = collectors.iter().map(|c| c.name.0.clone()).collect();
         Arc::new(TargetPoller {
-            budget: Arc::new(Semaphore::new(target.max_connections.max(1))),
+            budget: budget
+                .unwrap_or_else(|| Arc::new(Semaphore::new(target.max_connections.max(1)))),
             target,
             store,
             defaults,
@@ -115,6 +133,11 @@ impl TargetPoller {
     /// shared with the sessions of `tracing.explain`.
     pub fn connection_budget(&self) -> Arc<Semaphore> {
         Arc::clone(&self.budget)
+    }
+
+    /// This poller's budget, for a successor whose target has the same `max_connections`.
+    pub fn budget_to_share(&self, next: &Target) -> Option<Arc<Semaphore>> {
+        (next.max_connections == self.target.max_connections).then(|| Arc::clone(&self.budget))
     }
 
     fn main_db(&self) -> String {

@@ -766,6 +766,23 @@ mod tests {
     }
 
     #[test]
+    fn explain_and_self_spans_are_opt_in() {
+        let c = parse("tracing:\n  otlp_endpoint: http://127.0.0.1:4317\n").unwrap();
+        assert_eq!(c.tracing.explain, ExplainMode::Off);
+        assert!(!c.tracing.self_spans);
+        assert_eq!(c.tracing.explain_per_minute, 30);
+        let c =
+            parse("tracing:\n  explain: generic\n  explain_per_minute: 5\n  self: true\n").unwrap();
+        assert_eq!(c.tracing.explain, ExplainMode::Generic);
+        assert_eq!(c.tracing.explain_per_minute, 5);
+        assert!(c.tracing.self_spans);
+        let e = parse("tracing:\n  explain: analyze\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("analyze"), "{e}");
+    }
+
+    #[test]
     fn sample_interval_moved_from_tracing_to_activity() {
         let c = parse("").unwrap();
         assert_eq!(c.activity.interval(), Interval(DEFAULT_SAMPLE_INTERVAL));
