@@ -61,8 +61,11 @@ fn bindir(want: impl Fn(u32) -> bool, what: &str) -> PathBuf {
 }
 
 fn cluster_in(bindir: &std::path::Path) -> TempCluster {
-    let pg = TempCluster::start(ClusterOptions::default().with_bindir(bindir))
-        .unwrap_or_else(|e| panic!("{}: {e}", bindir.display()));
+    let opts = ClusterOptions::default()
+        .with_bindir(bindir)
+        .with_setting("log_statement", "all")
+        .with_setting("log_line_prefix", "[%p] ");
+    let pg = TempCluster::start(opts).unwrap_or_else(|e| panic!("{}: {e}", bindir.display()));
     pg.psql(
         "postgres",
         "CREATE TABLE t (id int PRIMARY KEY, x text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 1000) g; ANALYZE t;",
@@ -95,8 +98,16 @@ fn generic_plan_on_a_slow_select_once_per_query_and_a_reason_for_a_utility() {
     pg.psql("postgres", &slow_select(0.8)).unwrap();
     pg.psql("postgres", "DO $$ BEGIN PERFORM pg_sleep(0.8); END $$")
         .unwrap();
-    let spans = recv.wait_for("two SELECT spans and the DO span", |s| {
-        spans_named(s, "SELECT t").len() == 2 && s.iter().any(|g| g.span.name == "DO")
+    // A data-modifying statement is planned too, never run (pgvigil's session is read-only).
+    pg.psql(
+        "postgres",
+        "UPDATE t SET x = x || 'u' || pg_sleep(0.8)::text WHERE id = 2",
+    )
+    .unwrap();
+    let spans = recv.wait_for("two SELECT spans, the DO and the UPDATE span", |s| {
+        spans_named(s, "SELECT t").len() == 2
+            && s.iter().any(|g| g.span.name == "DO")
+            && s.iter().any(|g| g.span.name == "UPDATE t")
     });
 
     let selects = spans_named(&spans, "SELECT t");
@@ -125,6 +136,38 @@ fn generic_plan_on_a_slow_select_once_per_query_and_a_reason_for_a_utility() {
         Some(Value::BoolValue(true))
     );
 
+    let update = spans.iter().find(|g| g.span.name == "UPDATE t").unwrap();
+    let update_plan = attr_str(&update.span.attributes, "db.postgresql.plan");
+    assert!(update_plan.contains("ModifyTable"), "{update_plan}");
+    assert_eq!(
+        pg.psql("postgres", "SELECT x FROM t WHERE id = 2").unwrap(),
+        "v2u",
+        "the UPDATE ran once, by the client, not by EXPLAIN"
+    );
+
+    // The EXPLAIN ran on a read-only session under a 2 s statement_timeout.
+    let log = std::fs::read_to_string(pg.log_path()).unwrap();
+    let pid_of = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .and_then(|l| l.strip_prefix('['))
+            .and_then(|l| l.split_once(']'))
+            .map(|(pid, _)| pid.to_string())
+    };
+    let explainer =
+        pid_of("EXPLAIN (GENERIC_PLAN, FORMAT JSON) SELECT").expect("EXPLAIN in the log");
+    let own = |needle: &str| {
+        log.lines()
+            .any(|l| l.starts_with(&format!("[{explainer}]")) && l.contains(needle))
+    };
+    assert!(
+        own("SET default_transaction_read_only = on"),
+        "{}",
+        pg.log_tail(80)
+    );
+    assert!(own("SET statement_timeout = 2000"), "{}", pg.log_tail(80));
+    assert!(!log.contains("EXPLAIN (ANALYZE"));
+
     let utility = spans.iter().find(|g| g.span.name == "DO").unwrap();
     assert_eq!(skipped(utility).as_deref(), Some("not_plannable"));
     assert!(attr(&utility.span.attributes, "db.postgresql.plan").is_none());
@@ -140,8 +183,8 @@ fn generic_plan_on_a_slow_select_once_per_query_and_a_reason_for_a_utility() {
     });
     assert_eq!(
         value(&samples, "pgvigil_explain_total", &[]),
-        Some(1.0),
-        "one EXPLAIN for two executions of one query"
+        Some(2.0),
+        "one EXPLAIN for two executions of the SELECT, one for the UPDATE"
     );
     assert_eq!(
         value(
@@ -151,7 +194,7 @@ fn generic_plan_on_a_slow_select_once_per_query_and_a_reason_for_a_utility() {
         ),
         Some(1.0)
     );
-    // The server agrees: one EXPLAIN ran (pgvigil's sessions are the only ones to run it;
+    // The server agrees: two EXPLAINs ran (pgvigil's sessions are the only ones to run it;
     // the statement it explains is recorded again as a nested, not top-level, entry).
     let explains = pg
         .psql(
@@ -159,7 +202,7 @@ fn generic_plan_on_a_slow_select_once_per_query_and_a_reason_for_a_utility() {
             "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE toplevel AND query LIKE 'EXPLAIN (GENERIC_PLAN%'",
         )
         .unwrap();
-    assert_eq!(explains, "1", "EXPLAINs seen by pg_stat_statements");
+    assert_eq!(explains, "2", "EXPLAINs seen by pg_stat_statements");
 }
 
 /// EXPLAIN needs SELECT on the tables: `pg_monitor` sees the query but cannot plan it.

@@ -246,6 +246,7 @@ impl Explainer {
             store: Arc::clone(&store),
             slots: HashMap::new(),
             cache: HashMap::new(),
+            told_permission: false,
         };
         let handle = tokio::spawn(worker.run(rx));
         let explainer = Explainer {
@@ -343,6 +344,8 @@ struct Worker {
     slots: HashMap<String, Slot>,
     /// (database, query key) → the outcome, and when it was found.
     cache: HashMap<(String, String), (Outcome, Instant)>,
+    /// The missing privilege was logged (once per target: it is a setup matter).
+    told_permission: bool,
 }
 
 impl Worker {
@@ -445,7 +448,12 @@ impl Worker {
             Err(e) => {
                 tracing::debug!(target = %self.target.name, database = datname, "EXPLAIN failed: {}", e.message);
                 let reason = match e.kind {
-                    ErrorKind::Permission => "permission",
+                    ErrorKind::Permission => {
+                        if !std::mem::replace(&mut self.told_permission, true) {
+                            tracing::warn!(target = %self.target.name, database = datname, "tracing.explain: pgvigil's role may not plan a slow query ({}); EXPLAIN needs SELECT on the tables it reads, which pg_monitor does not give (e.g. GRANT pg_read_all_data). Such spans go without a plan, counted in pgvigil_explain_skipped_total{{reason=\"permission\"}}; logged once per target", e.message);
+                        }
+                        "permission"
+                    }
                     ErrorKind::Timeout => "timeout",
                     _ => "error",
                 };
