@@ -28,9 +28,13 @@ fn poll_and_collector_spans_reach_the_receiver() {
     let addr = free_addr();
     let recv = OtlpReceiver::start(addr);
     let _run = run_pgvigil(&pg, addr, true);
-    let spans = recv.wait_for("poll and collector spans", |s| {
-        s.iter().any(|g| g.span.name == "poll t1")
-            && s.iter().any(|g| g.span.name.starts_with("collector "))
+    // A collector span and the poll span it sits in (they may come in different batches).
+    let spans = recv.wait_for("a collector span inside its poll span", |s| {
+        s.iter().any(|c| {
+            c.span.name.starts_with("collector ")
+                && s.iter()
+                    .any(|p| p.span.name == "poll t1" && p.span.span_id == c.span.parent_span_id)
+        })
     });
     let poll = spans.iter().find(|g| g.span.name == "poll t1").unwrap();
     assert_eq!(attr_str(&poll.span.attributes, "target"), "t1");
