@@ -11,7 +11,7 @@
 //!                                    store ──► exposition (+ health) ──► http (/metrics)
 //!
 //! trace sampler ──(postgres::slot)──► pg_stat_activity ─┬─► trace::load (DB load) ──► store
-//!                                                        └─► trace spans ──► OTLP
+//!                                                        └─► trace spans ──(trace::explain)──► OTLP
 //! ```
 //!
 //! - [`config`]: the YAML config file, environment overrides, file:line errors.
@@ -39,7 +39,9 @@
 //!   running the query of the `activity` collector in `queries/dbload.yaml`, which the
 //!   poller skips), DB load (`trace::load`: the sampler's rows → the pack's
 //!   `pg_activity_active_seconds_total`, stored like a collector's snapshot), traceparent
-//!   parsing, slow-query spans, OTLP export (or the console, for the demo).
+//!   parsing, slow-query spans, their generic plans (`trace::explain`, opt-in), OTLP
+//!   export (or the console, for the demo); pgvigil's own poll and collector spans
+//!   (`trace::selfspans`, opt-in).
 //! - [`metric`]: the metric model every stage passes on (type, family, sample).
 //! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
 //! - [`yaml`]: YAML → typed values with file, line and field in every error.
@@ -165,6 +167,9 @@ pub async fn run(
     let store = Store::new();
     let mut running = reload::Running::new(Arc::clone(&store));
     running.apply(&config, &catalog).await?;
+    if config.tracing.self_spans {
+        start_self_spans(&config)?;
+    }
     store.record_reload(true, std::time::SystemTime::now());
     tracing::info!(
         "pgvigil {} listening on {scheme}://{addr}/metrics ({} targets, {} collectors)",
@@ -252,6 +257,33 @@ fn with_probed(config: &Config, registry: &probe::Registry) -> Config {
         }
     }
     c
+}
+
+/// `tracing.self`: sends pgvigil's own spans to the tracing endpoint, when the binary
+/// installed their layer at start (see `trace::selfspans`).
+fn start_self_spans(config: &Config) -> Result<(), StartError> {
+    let Some(endpoint) = trace::endpoint(&config.tracing, &process_env)? else {
+        tracing::warn!(
+            "tracing.self is on but no OTLP endpoint is set: pgvigil's own spans are not sent"
+        );
+        return Ok(());
+    };
+    let service = config
+        .tracing
+        .service_name
+        .clone()
+        .or_else(|| process_env("OTEL_SERVICE_NAME"))
+        .unwrap_or_else(|| "pgvigil".to_string());
+    match trace::selfspans::export(&endpoint, &service) {
+        Ok(true) => tracing::info!(
+            "tracing.self: pgvigil's poll and collector spans go to the tracing endpoint"
+        ),
+        Ok(false) => tracing::warn!(
+            "tracing.self: no span layer was installed at start (turning it on takes a restart)"
+        ),
+        Err(e) => tracing::warn!("tracing.self: {e}"),
+    }
+    Ok(())
 }
 
 /// The configuration and packs as they are now on disk, checked; nothing applied yet.

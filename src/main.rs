@@ -71,7 +71,7 @@ fn main() -> ExitCode {
     // Before any thread starts: it changes the process environment.
     pgvigil::trace::export::take_compression_env();
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    init_logging(&cli.log_format, self_spans_wanted(&cli));
     raise_open_file_limit();
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -164,18 +164,41 @@ fn raise_open_file_limit() {
     }
 }
 
-fn init_logging(format: &str) {
+/// Logs to stderr, filtered by `PGVIGIL_LOG` (default `info`). With `self_spans`
+/// (`tracing.self`), the layer that turns pgvigil's own poll and collector spans into
+/// OpenTelemetry spans is installed beside it, with its own filter; without, it is not
+/// installed at all.
+fn init_logging(format: &str, self_spans: bool) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGVIGIL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
+    let log = if format == "json" {
+        fmt.json().with_filter(filter).boxed()
     } else {
-        builder.init();
+        fmt.with_filter(filter).boxed()
+    };
+    let registry = tracing_subscriber::registry().with(log);
+    if self_spans {
+        registry.with(pgvigil::trace::selfspans::layer()).init();
+    } else {
+        registry.init();
     }
+}
+
+/// Whether the server about to run has `tracing.self: true`: its configuration read once
+/// before logging exists, silently (the real read, with its warnings and errors, follows).
+fn self_spans_wanted(cli: &Cli) -> bool {
+    if cli.command.is_some() {
+        return false;
+    }
+    tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
+        load_config(cli.config.as_ref(), cli.listen, None).is_ok_and(|c| c.tracing.self_spans)
+    })
 }
 
 fn load_config(

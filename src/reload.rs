@@ -243,7 +243,9 @@ impl Running {
                     let mut old = old.take().expect("Replace implies a running target");
                     old.stop_poller().await;
                     let (stop, stop_rx) = watch::channel(false);
-                    let poller = self.poller(&target, config, &collectors);
+                    // The budget carries over: a kept sampler's EXPLAINs take sessions from it.
+                    let budget = old.poller.budget_to_share(&target);
+                    let poller = self.poller(&target, config, &collectors, budget);
                     poller.inherit_states(&old.poller, &inherit);
                     self.store.retain_collectors(&target.name, &names);
                     let tasks = poller.spawn(stop_rx);
@@ -258,7 +260,7 @@ impl Running {
                 Change::Start => {
                     summary.added += 1;
                     let (stop, stop_rx) = watch::channel(false);
-                    let poller = self.poller(&target, config, &collectors);
+                    let poller = self.poller(&target, config, &collectors, None);
                     if was_ready {
                         // A target added by a reload does not take a serving pgvigil out
                         // of rotation: `/readyz` is about the process, which is serving.
@@ -283,9 +285,12 @@ impl Running {
                     .iter()
                     .filter(|c| c.run_by == crate::collector::pack::RunBy::ActivitySampler)
                     .collect();
+                // `max_connections` too: the EXPLAINs of `tracing.explain` take sessions
+                // from the poller's budget of that size.
                 format!(
-                    "{} {:?} {} {:?} {:?} {:?}",
+                    "{} max_connections {} {:?} {} {:?} {:?} {:?}",
                     running.spec.base,
+                    target.max_connections,
                     config.tracing,
                     plan.files_key(),
                     config.activity,
@@ -299,7 +304,8 @@ impl Running {
                 }
                 if let (Some(plan), Some(key)) = (&tracing, key) {
                     let (stop, stop_rx) = watch::channel(false);
-                    match plan.start(&target, &self.store, stop_rx) {
+                    let budget = Some(running.poller.connection_budget());
+                    match plan.start(&target, &self.store, budget, stop_rx) {
                         Ok(tracing) => running.sampler = Some(Sampler { key, stop, tracing }),
                         // The poller runs (and stays tracked); the error is reported below.
                         Err(e) => failed = failed.or(Some(e)),
@@ -325,14 +331,16 @@ impl Running {
         target: &Target,
         config: &Config,
         collectors: &Arc<Vec<CollectorDef>>,
+        budget: Option<Arc<tokio::sync::Semaphore>>,
     ) -> Arc<TargetPoller> {
-        TargetPoller::new(
+        TargetPoller::sharing(
             target.clone(),
             Arc::clone(collectors),
             config.collectors.defaults,
             config.statements,
             config.tables,
             Arc::clone(&self.store),
+            budget,
         )
     }
 

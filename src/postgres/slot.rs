@@ -310,6 +310,36 @@ impl SlotGuard {
         }
     }
 
+    /// Runs one statement over the simple query protocol, with the same timeouts and
+    /// deadline as [`SlotGuard::query`], and returns the first column of each row as
+    /// text. For statements the extended protocol cannot carry, such as `EXPLAIN
+    /// (GENERIC_PLAN)` of a text with `$1` placeholders and no values for them. The
+    /// simple protocol runs every statement of a multi-statement text: the caller must
+    /// pass exactly one.
+    pub async fn simple_query_one(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+        lock_timeout: Duration,
+    ) -> Result<Vec<Option<String>>, PgError> {
+        let Some(session) = self.state.session.as_mut() else {
+            return Err(PgError {
+                kind: ErrorKind::Connect,
+                message: "connection lost".into(),
+                fatal: true,
+            });
+        };
+        let result = session.simple_query(sql, timeout, lock_timeout).await;
+        match result {
+            Err(mut e) if e.fatal || session.client.is_closed() => {
+                e.fatal = true;
+                self.mark_broken();
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
     /// Closes the session after this use, returning its permit to the budget; the next
     /// [`Slot::acquire`] connects again. Not a loss: no [`Event`].
     pub fn close(mut self) {
@@ -388,6 +418,60 @@ impl Session {
             timeouts: None,
         };
         Ok((session, info))
+    }
+
+    /// Sets `statement_timeout` and `lock_timeout` unless they already are `want`.
+    async fn set_timeouts(&mut self, want: (Duration, Duration)) -> Result<(), PgError> {
+        if self.flavour.applies_settings() && self.timeouts != Some(want) {
+            self.timeouts = None;
+            let set = format!(
+                "SET statement_timeout = {}; SET lock_timeout = {}",
+                want.0.as_millis().max(1),
+                want.1.as_millis().max(1)
+            );
+            self.client
+                .batch_execute(&set)
+                .await
+                .map_err(|e| PgError::from_query(&e))?;
+            self.timeouts = Some(want);
+        }
+        Ok(())
+    }
+
+    /// [`Session::query`] over the simple query protocol; the first column of each row.
+    async fn simple_query(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+        lock_timeout: Duration,
+    ) -> Result<Vec<Option<String>>, PgError> {
+        let want = (timeout, lock_timeout.min(timeout));
+        let deadline = timeout + DEADLINE_SLACK;
+        let run = async {
+            self.set_timeouts(want).await?;
+            let messages = self
+                .client
+                .simple_query(sql)
+                .await
+                .map_err(|e| PgError::from_query(&e))?;
+            Ok(messages
+                .iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => {
+                        Some(r.get(0).map(str::to_string))
+                    }
+                    _ => None,
+                })
+                .collect())
+        };
+        match tokio::time::timeout(deadline, run).await {
+            Ok(r) => r,
+            Err(_) => Err(PgError {
+                kind: ErrorKind::Timeout,
+                message: format!("no answer within {deadline:?}"),
+                fatal: true,
+            }),
+        }
     }
 
     /// Runs one query with `statement_timeout` and `lock_timeout`, so a slow catalog
