@@ -1,6 +1,7 @@
 //! Collectors: the pack format (`pack`), rows → families (`rows`) and the per-target poll
 //! loop (`poller`), plus the plan printout of `pgvigil check-config`.
 
+pub mod check;
 pub mod names;
 pub mod pack;
 pub mod poller;
