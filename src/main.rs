@@ -231,14 +231,19 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
             let (path, listen, web) = (cli.config.clone(), cli.listen, cli.web_config_file.clone());
             let reload: pgvigil::Reload =
                 Box::new(move || load_config(path.as_ref(), listen, web.as_ref()));
-            runtime()?
+            let rt = runtime()?;
+            let result = rt
                 .block_on(pgvigil::run(
                     config,
                     Some(reload),
                     shutdown_signal(),
                     |_| {},
                 ))
-                .map_err(|e| Failure::Error(e.to_string()))
+                .map_err(|e| Failure::Error(e.to_string()));
+            // Tasks still running (a span export stuck on a dead receiver) do not hold the
+            // exit past the bound `pgvigil::SHUTDOWN_LIMIT` states.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
         Some(Command::CheckConfig { file, connect }) => {
             let file = file.as_ref().or(cli.config.as_ref());
