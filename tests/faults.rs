@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::binary::Pgvigil;
+use common::binary::{command as pgvigil_command, Pgvigil};
 use common::{free_port, parse, value, write, TempCluster};
 
 /// Collector interval of the suite.
@@ -355,4 +355,51 @@ fn twenty_targets_with_dead_restarted_and_frozen_servers() {
         assert!(recovered.is_some(), "{name}: did not recover\n{}", ctx());
     }
     assert!(!log.contains("panicked"), "{}", ctx());
+}
+
+/// A server that accepts the TCP connection and never answers (a stopped postmaster, a
+/// black hole): connecting gives up after the connect timeout plus 2 s, so `pgvigil once`
+/// ends (exit 2, the target unreachable) instead of hanging forever.
+#[test]
+fn a_server_that_accepts_and_never_answers_does_not_hang_a_target() {
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "pgvigil.yaml",
+        &format!(
+            "targets:\n  - name: hole\n    dsn: postgresql://postgres@{}/postgres?sslmode=disable\ncollectors:\n  defaults: {{interval: 2s, timeout: 1s}}\n",
+            hole.local_addr().unwrap()
+        ),
+    );
+    let mut child = common::KillOnDrop(
+        pgvigil_command()
+            .args(["once", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "pgvigil once still hangs on a server that never answers"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = started.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    eprintln!("pgvigil once ended after {took:?}");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no answer from the server within 3s"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("target hole: unreachable"), "{stderr}");
 }

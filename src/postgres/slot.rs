@@ -207,7 +207,19 @@ impl Slot {
             Some(b) => Arc::clone(b).acquire_owned().await.ok(),
             None => None,
         };
-        match Session::connect(&self.dsn, self.connect_timeout, self.flavour, permit).await {
+        // The driver's connect_timeout covers only the TCP connect: a server that accepts
+        // and then never answers (a stopped postmaster, a frozen backend, a black hole)
+        // would hold this slot, and every collector of the target, forever.
+        let limit = self.connect_timeout + DEADLINE_SLACK;
+        let connect = Session::connect(&self.dsn, self.connect_timeout, self.flavour, permit);
+        let connected = match tokio::time::timeout(limit, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(PgError::new(
+                ErrorKind::Connect,
+                format!("no answer from the server within {limit:?} of connecting"),
+            )),
+        };
+        match connected {
             Ok((session, info)) => {
                 if state.failures > 0 {
                     tracing::info!(target = %self.target, database = self.database.as_str(), "{}reconnected after {} failed attempts", self.who, state.failures);
