@@ -67,6 +67,7 @@ fn connect_reports_per_target_and_collector_with_exit_codes() {
     // Only pg_monitor: the HBA rules are skipped with their grant, which is acceptable.
     let monitor = pg_monitor_dsn(&pg, "postgres");
     let (text, out) = check_connect(dir.path(), &[("mon", &monitor)]);
+    eprintln!("{text}");
     assert_eq!(out.status.code(), Some(0), "{text}");
     let hba = verdict(&text, "mon", "hba_file_rules");
     assert!(
@@ -84,6 +85,7 @@ fn connect_reports_per_target_and_collector_with_exit_codes() {
         .expect("create role plain");
     let plain = pg.dsn_for("plain", "postgres");
     let (text, out) = check_connect(dir.path(), &[("plain", &plain)]);
+    eprintln!("{text}");
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
         text.contains("missing privilege (GRANT pg_monitor TO <role>)  <- fix"),
@@ -93,7 +95,7 @@ fn connect_reports_per_target_and_collector_with_exit_codes() {
 
     // A closed port, beside a good target: unreachable, exit 2, the good one still checked.
     let closed = format!(
-        "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        "postgresql://postgres:hunter2secret@127.0.0.1:{}/postgres?sslmode=disable",
         free_port()
     );
     let (text, out) = check_connect(dir.path(), &[("su", &pg.dsn()), ("gone", &closed)]);
@@ -102,4 +104,8 @@ fn connect_reports_per_target_and_collector_with_exit_codes() {
     assert!(text.contains("): unreachable: "), "{text}");
     assert!(verdict(&text, "su", "database").ends_with(" ok"), "{text}");
     assert!(!text.contains("panicked"), "{text}");
+    assert!(
+        !text.contains("hunter2secret"),
+        "the password leaked\n{text}"
+    );
 }
