@@ -104,3 +104,46 @@ fn sigterm_and_sigint_exit_zero_within_bound_with_a_long_query_and_a_dead_receiv
     let p = start(&pg, dir.path(), &otlp);
     stops_within_bound(&pg, p, "INT");
 }
+
+/// With a receiver that answers, SIGTERM flushes the spans: a slow query still running at
+/// shutdown arrives marked `db.postgresql.still_running`.
+#[test]
+fn sigterm_flushes_the_spans_of_queries_still_running() {
+    use common::otlp::{attr, OtlpReceiver, Value};
+    let pg = common::cluster(&[]);
+    let addr = common::free_addr();
+    let receiver = OtlpReceiver::start(addr);
+    let client = Session::connect(&pg.dsn());
+    let _slow = client.start("SELECT pg_sleep(120)");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "pgvigil.yaml",
+        &format!(
+            "listen: 127.0.0.1:0\ntargets:\n  - name: db\n    dsn: \"{}\"\nactivity:\n  sample_interval: 200ms\ntracing:\n  otlp_endpoint: http://{}\n  slow_query_threshold: 100ms\n",
+            pg.dsn(),
+            addr
+        ),
+    );
+    let mut p = Pgvigil::start(["--config".as_ref(), config.as_os_str()], &[]);
+    // Let the sampler see the query running.
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = Instant::now();
+    p.signal("TERM");
+    let status = p.wait_exit(Duration::from_secs(30));
+    let took = sent.elapsed();
+    let log = p.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    assert!(took <= BOUND, "exit took {took:?}\n{log}");
+    eprintln!("SIGTERM with a live receiver: exited 0 after {took:?}");
+    let spans = receiver.spans();
+    assert!(
+        spans.iter().any(|s| {
+            matches!(
+                attr(&s.span.attributes, "db.postgresql.still_running"),
+                Some(Value::BoolValue(true))
+            )
+        }),
+        "no still-running span flushed at shutdown: {spans:#?}\n{log}"
+    );
+}
