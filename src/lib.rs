@@ -66,6 +66,7 @@ pub mod web;
 pub mod yaml;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -128,6 +129,12 @@ pub fn pollers(
         .collect();
     Ok((store, pollers))
 }
+
+/// How long stopping may take after the shutdown signal, before the cancel requests of
+/// aborted queries (≤ 1 s) and the runtime's own shutdown (≤ 1 s, `main.rs`): together the
+/// process exits within 5 s of SIGTERM or SIGINT, however slow a target or the OTLP
+/// receiver.
+pub const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Reads the configuration again (for `SIGHUP`): file, environment and CLI overrides.
 pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send>;
@@ -242,8 +249,20 @@ pub async fn run(
     }
     tracing::info!("shutting down");
     let _ = http_stop.send(true);
-    let _ = serving.await;
-    running.stop().await;
+    let stopping = async {
+        let _ = serving.await;
+        // Aborts the polls in flight (their queries are cancelled on the server), then
+        // flushes the spans (at most 3 s: an unreachable receiver does not hold us).
+        running.stop().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_LIMIT, stopping)
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown: gave up waiting after {SHUTDOWN_LIMIT:?}");
+    }
+    postgres::slot::finish_cancels(Duration::from_secs(1)).await;
+    tracing::info!("stopped");
     Ok(())
 }
 

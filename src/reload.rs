@@ -25,6 +25,8 @@ use crate::{process_env, trace, StartError};
 
 /// How long a stopped sampler may take to export its last spans.
 const TRACING_FLUSH: Duration = Duration::from_secs(15);
+/// The same at process shutdown, within its bound (see `SHUTDOWN_LIMIT` in `lib.rs`).
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 
 /// A target's configuration in a form that compares: equal specs poll the same way.
 ///
@@ -351,7 +353,7 @@ impl Running {
             t.stop_poller().await;
             if let Some(s) = t.sampler.take() {
                 let _ = s.stop.send(true);
-                flushing.push(s.tracing.finish(TRACING_FLUSH));
+                flushing.push(s.tracing.finish(SHUTDOWN_FLUSH));
             }
         }
         futures_util::future::join_all(flushing).await;

@@ -283,6 +283,32 @@ impl TargetPoller {
         }
     }
 
+    /// Runs `def` once on the main database and says how it went: its query and the
+    /// processing of its rows, as a poll would, but nothing reaches the store (for
+    /// `check-config --connect`, which reports per collector).
+    pub async fn try_collector(&self, def: &CollectorDef) -> Result<(), PgError> {
+        let main = self.main_db();
+        let mut slot = self.acquire(&main).await?;
+        let rows = self.query(&mut slot, def, &main).await;
+        self.release(slot, &main);
+        if let Some(rows) = rows? {
+            self.process(def, "", &rows)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `sql` on the main database's session with the default timeouts (for
+    /// `check-config --connect`: connecting, and reading a setting).
+    pub async fn query_main(&self, sql: &str) -> Result<Vec<Row>, PgError> {
+        let main = self.main_db();
+        let mut slot = self.acquire(&main).await?;
+        let rows = slot
+            .query(sql, self.defaults.timeout.0, self.defaults.lock_timeout.0)
+            .await;
+        self.release(slot, &main);
+        rows
+    }
+
     fn key(&self, def: &CollectorDef, db: &str) -> (String, String, String) {
         (self.target.name.clone(), def.name.0.clone(), db.to_string())
     }
