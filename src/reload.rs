@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::collector::pack::{Catalog, CollectorDef};
 use crate::collector::poller::TargetPoller;
-use crate::config::{Config, Target};
+use crate::config::{Config, Target, TargetKind};
 use crate::store::Store;
 use crate::{process_env, trace, StartError};
 
@@ -49,7 +49,8 @@ impl TargetSpec {
         let defaults = config.collectors.defaults;
         TargetSpec {
             base: format!(
-                "{:?} {:?} password#{:x} {:?} {:?} {:?} {:?}",
+                "{} {:?} {:?} password#{:x} {:?} {:?} {:?} {:?}",
+                target.kind,
                 target.pg.0,
                 target.pg.1,
                 password.finish(),
@@ -59,8 +60,11 @@ impl TargetSpec {
                 config.tables
             ),
             defaults: format!("{defaults:?}"),
+            // The poller runs only the packs of the target's kind: the others' changes
+            // do not concern it.
             collectors: collectors
                 .iter()
+                .filter(|c| c.kind == target.kind)
                 .map(|c| {
                     let every = c.interval.unwrap_or(defaults.interval);
                     let timeout = c.timeout.unwrap_or(defaults.timeout);
@@ -274,7 +278,11 @@ impl Running {
                     }
                 }
             };
-            let key = tracing.as_ref().map(|_| {
+            // PgBouncer's console has no pg_stat_activity: no sampler there.
+            let sampled = tracing
+                .as_ref()
+                .filter(|_| target.kind == TargetKind::Postgres);
+            let key = sampled.map(|_| {
                 // Everything the sampler depends on: connection and labels, tracing,
                 // the activity section and the collector whose query it runs.
                 let sampler_defs: Vec<&CollectorDef> = catalog

@@ -10,7 +10,7 @@ pub mod table;
 
 use std::fmt::Write as _;
 
-use crate::config::{CollectorDefaults, Config};
+use crate::config::{CollectorDefaults, Config, TargetKind};
 use pack::{Catalog, Scope};
 
 /// The PostgreSQL majors pgvigil supports; the plan shows the variant chosen for each.
@@ -54,8 +54,8 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
     for t in &config.targets {
         let _ = writeln!(
             out,
-            "  {}: {:?}, at most {} collector connections",
-            t.name, t.dsn, t.max_connections.0
+            "  {} (kind {}): {:?}, at most {} collector connections",
+            t.name, t.kind, t.dsn, t.max_connections.0
         );
     }
     let _ = writeln!(out, "collectors ({}):", catalog.collectors.len());
@@ -72,9 +72,13 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
         };
         let _ = writeln!(
             out,
-            "  {} [{}] every {}, timeout {}, {} metrics, from {}",
+            "  {} [{}{}] every {}, timeout {}, {} metrics, from {}",
             c.name,
             scope,
+            match c.kind {
+                TargetKind::Postgres => "",
+                TargetKind::Pgbouncer => ", pgbouncer targets",
+            },
             every,
             c.timeout.unwrap_or(d.timeout),
             c.metrics.0.len(),
@@ -83,7 +87,19 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
         if let Some(ext) = &c.requires.extension {
             let _ = writeln!(out, "      requires extension {ext}");
         }
-        let _ = writeln!(out, "      {}", variant_plan(&c.queries));
+        match c.kind {
+            TargetKind::Postgres => {
+                let _ = writeln!(out, "      {}", variant_plan(&c.queries));
+            }
+            // PgBouncer versions are not PostgreSQL majors: the plan is its one query.
+            TargetKind::Pgbouncer => {
+                let _ = writeln!(
+                    out,
+                    "      PgBouncer: queries[0] ({})",
+                    c.queries.0[0].range_text()
+                );
+            }
+        }
         if c.cache.is_some() {
             let _ = writeln!(
                 out,

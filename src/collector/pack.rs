@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::config::{CollectorsConfig, Interval, LabelName, MetricName};
+use crate::config::{CollectorsConfig, Interval, LabelName, MetricName, TargetKind};
 use crate::metric::MetricType;
 use crate::yaml::{self, YamlError};
 
@@ -57,6 +57,10 @@ pub const BUILTIN_PACKS: &[(&str, &str)] = &[
         "queries/dbload.yaml",
         include_str!("../../queries/dbload.yaml"),
     ),
+    (
+        "queries/pgbouncer.yaml",
+        include_str!("../../queries/pgbouncer.yaml"),
+    ),
 ];
 
 /// Errors while loading packs.
@@ -75,6 +79,9 @@ pub enum PackError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PackFile {
+    /// The kind of target every collector of the pack runs on (default `postgres`).
+    #[serde(default)]
+    kind: TargetKind,
     collectors: Vec<CollectorDef>,
 }
 
@@ -128,6 +135,9 @@ pub struct CollectorDef {
     /// on `activity.sample_interval` (`run_by: activity_sampler`, see `trace::load`).
     #[serde(default)]
     pub run_by: RunBy,
+    /// The kind of target this runs on: the pack's `kind` (set after parsing).
+    #[serde(skip)]
+    pub kind: TargetKind,
     /// Which file this came from (for messages); set after parsing.
     #[serde(skip)]
     pub source: PathBuf,
@@ -139,6 +149,9 @@ pub struct CollectorDef {
 impl CollectorDef {
     /// Checks that span several fields.
     fn check(&self) -> Result<(), String> {
+        if self.kind == TargetKind::Pgbouncer {
+            self.check_pgbouncer()?;
+        }
         if self.metrics.0.is_empty() && self.cache.is_none() {
             return Err("at least one metric is required".into());
         }
@@ -178,6 +191,27 @@ impl CollectorDef {
             }
         }
         Ok(())
+    }
+}
+
+impl CollectorDef {
+    /// What a collector of a `kind: pgbouncer` pack cannot use: PgBouncer's console is one
+    /// database with no catalogs, no extensions and no `pg_stat_activity`.
+    fn check_pgbouncer(&self) -> Result<(), String> {
+        let unsupported = [
+            (self.scope == Scope::Database, "`scope: database`"),
+            (self.requires.extension.is_some(), "`requires.extension`"),
+            (self.cache.is_some(), "`cache`"),
+            (self.per_database.is_some(), "`per_database`"),
+            (self.processor.is_some(), "`processor`"),
+            (self.run_by != RunBy::Poller, "`run_by`"),
+        ];
+        match unsupported.iter().find(|(used, _)| *used) {
+            Some((_, what)) => Err(format!(
+                "{what} is not available in a `kind: pgbouncer` pack (PgBouncer's console has one database and no catalogs)"
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -480,6 +514,28 @@ pub struct MetricDef {
     pub accumulate: bool,
     /// How the value goes into the `other` row of a `table_top_n` collector.
     pub other: Option<OtherRule>,
+    /// The value column is multiplied by this (e.g. `0.000001`: microseconds → seconds),
+    /// for sources that SQL cannot convert (PgBouncer's `SHOW` commands).
+    pub scale: f64,
+    /// More columns added to the value, each with its own scale (PgBouncer's `maxwait`
+    /// in seconds plus `maxwait_us`). A NULL term skips the sample.
+    pub add: Vec<Term>,
+    /// Only rows whose label columns have these texts give samples (`SHOW CONFIG` rows by
+    /// `key`), for sources whose rows SQL cannot filter.
+    pub filter: BTreeMap<String, String>,
+}
+
+/// A column added to a metric's value: `{column: maxwait_us, scale: 0.000001}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Term {
+    pub column: String,
+    #[serde(default = "one")]
+    pub scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// `name_from`: a metric whose name comes from a column, so one declaration gives a family
@@ -557,6 +613,12 @@ struct RawMetric {
     accumulate: bool,
     #[serde(default)]
     other: Option<OtherRule>,
+    #[serde(default)]
+    scale: Option<f64>,
+    #[serde(default)]
+    add: Vec<Term>,
+    #[serde(default, rename = "where")]
+    filter: BTreeMap<String, String>,
 }
 
 impl TryFrom<RawMetric> for MetricDef {
@@ -633,6 +695,24 @@ impl TryFrom<RawMetric> for MetricDef {
         if r.help.trim().is_empty() {
             return Err(format!("metric {name}: help must not be empty"));
         }
+        let scales = r.scale.iter().chain(r.add.iter().map(|t| &t.scale));
+        if scales.clone().any(|s| !s.is_finite() || *s == 0.0) {
+            return Err(format!(
+                "metric {name}: a scale must be a finite number other than 0"
+            ));
+        }
+        if (r.scale.is_some() || !r.add.is_empty())
+            && (r.value.is_none() || r.kind == MetricType::Info)
+        {
+            return Err(format!(
+                "metric {name}: `scale` and `add` change a `value` column of a gauge or counter"
+            ));
+        }
+        if !r.filter.is_empty() && name_rule.is_some() {
+            return Err(format!(
+                "metric {name}: `where` is not available with `name_from`"
+            ));
+        }
         let mut seen = HashSet::new();
         for l in r.labels.iter().chain(r.static_labels.keys()) {
             if l.0 == "target" {
@@ -654,6 +734,9 @@ impl TryFrom<RawMetric> for MetricDef {
             static_labels: r.static_labels,
             accumulate: r.accumulate,
             other: r.other,
+            scale: r.scale.unwrap_or(1.0),
+            add: r.add,
+            filter: r.filter,
         })
     }
 }
@@ -776,6 +859,7 @@ impl Catalog {
             for (index, mut c) in pack.collectors.into_iter().enumerate() {
                 c.source = f.path.clone();
                 c.index = index;
+                c.kind = pack.kind;
                 if let Err(e) = c.check() {
                     return Err(YamlError::at(
                         &f.path,

@@ -25,13 +25,13 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::StreamExt;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_postgres::Row;
 
 use crate::collector::names::{NameCache, Relations};
 use crate::collector::pack::{CacheKind, CollectorDef, Scope};
 use crate::collector::steps::{CollectorState, Context};
 use crate::config::{CollectorDefaults, StatementsConfig, TablesConfig, Target};
 use crate::postgres::slot::{Event, Slot, SlotGuard};
+use crate::postgres::value::QueryRow;
 use crate::postgres::{dsn, ErrorKind, PgError};
 use crate::store::{Snapshot, Store, Visits};
 
@@ -85,6 +85,20 @@ impl TargetPoller {
             .map(|(k, v)| (Arc::from(k.as_str()), v.clone()))
             .collect();
         store.add_target(&target.name, base_labels.clone());
+        // A pack runs on targets of its own kind only (PgBouncer's console has no
+        // catalogs; PostgreSQL has no `SHOW POOLS`).
+        let collectors: Arc<Vec<CollectorDef>> = if collectors.iter().all(|c| c.kind == target.kind)
+        {
+            collectors
+        } else {
+            Arc::new(
+                collectors
+                    .iter()
+                    .filter(|c| c.kind == target.kind)
+                    .cloned()
+                    .collect(),
+            )
+        };
         let pending = collectors.iter().map(|c| c.name.0.clone()).collect();
         Arc::new(TargetPoller {
             budget: Arc::new(Semaphore::new(target.max_connections.max(1))),
@@ -389,7 +403,7 @@ impl TargetPoller {
     }
 
     /// A `cache: relation_names` collector's rows become the database's relation names.
-    fn fill_cache(&self, def: &CollectorDef, db: &str, rows: &[Row]) -> Result<(), PgError> {
+    fn fill_cache(&self, def: &CollectorDef, db: &str, rows: &[QueryRow]) -> Result<(), PgError> {
         match def.cache {
             None => Ok(()),
             Some(CacheKind::RelationNames) => {
@@ -408,7 +422,7 @@ impl TargetPoller {
         slot: &mut SlotGuard,
         def: &CollectorDef,
         db: &str,
-    ) -> Result<Option<Vec<Row>>, PgError> {
+    ) -> Result<Option<Vec<QueryRow>>, PgError> {
         let info = slot.info();
         let Some(variant) = def.queries.resolve(info.version_num) else {
             let v = info.version_num;
@@ -431,14 +445,19 @@ impl TargetPoller {
         // A query that breaks the connection marks the slot broken (and, on the main
         // database, turns `pg_up` to 0 through `session_events`).
         let rows = slot
-            .query(&variant.sql, timeout, self.defaults.lock_timeout.0)
+            .fetch(&variant.sql, timeout, self.defaults.lock_timeout.0)
             .await?;
         Ok(Some(rows))
     }
 
     /// Rows → the collector's snapshot (steps, names, mapping, accumulation). `db` is ""
     /// for cluster scope.
-    fn process(&self, def: &CollectorDef, db: &str, rows: &[Row]) -> Result<Snapshot, PgError> {
+    fn process(
+        &self,
+        def: &CollectorDef,
+        db: &str,
+        rows: &[QueryRow],
+    ) -> Result<Snapshot, PgError> {
         let monitored = |name: &str| self.target.databases.matches(name);
         let ctx = Context {
             def,
@@ -505,6 +524,7 @@ impl TargetPoller {
         let mut dsn = self.target.pg.clone();
         dsn.0.dbname(db);
         let slot = Slot::new(dsn, self.defaults.timeout.0)
+            .flavour(self.target.kind.into())
             .log_as(&self.target.name, None)
             .budget(Arc::clone(&self.budget));
         if db != self.main_db() {

@@ -76,6 +76,7 @@ impl Demo {
         config.collectors.defaults.interval = Interval::from_secs(DEMO_INTERVAL_SECS);
         config.targets.push(TargetConfig {
             name: "demo".into(),
+            kind: Default::default(),
             dsn: self.dsn().parse().map_err(DemoError::Dsn)?,
             password_file: None,
             labels: Default::default(),
