@@ -1079,6 +1079,73 @@ mod tests {
     }
 
     #[test]
+    fn a_pack_kind_reaches_its_collectors_and_limits_what_they_use() {
+        let c = load(&format!("kind: pgbouncer\n{ONE}")).unwrap();
+        let mine = c.collectors.iter().find(|c| c.name.0 == "mine").unwrap();
+        assert_eq!(mine.kind, TargetKind::Pgbouncer);
+        let pools = c
+            .collectors
+            .iter()
+            .find(|c| c.name.0 == "pgbouncer_pools")
+            .unwrap();
+        assert_eq!(pools.kind, TargetKind::Pgbouncer);
+        let db = c
+            .collectors
+            .iter()
+            .find(|c| c.name.0 == "database")
+            .unwrap();
+        assert_eq!(db.kind, TargetKind::Postgres, "the default kind");
+
+        let e = load(&format!(
+            "kind: pgbouncer\n{}",
+            ONE.replace("help: Mine.\n", "help: Mine.\n    scope: database\n")
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("`scope: database` is not available in a `kind: pgbouncer` pack"),
+            "{e}"
+        );
+        let e = load(&format!(
+            "kind: pgbouncer\n{}",
+            ONE.replace(
+                "help: Mine.\n",
+                "help: Mine.\n    requires: {extension: x}\n"
+            )
+        ))
+        .unwrap_err();
+        assert!(e.contains("`requires.extension` is not available"), "{e}");
+        let e = load(&format!("kind: pgbouncr\n{ONE}")).unwrap_err();
+        assert!(
+            e.starts_with("user.yaml:1:") && e.contains("invalid kind"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn scale_add_and_where_are_checked_at_load() {
+        load(&ONE.replace("value: v\n", "value: v\n        scale: 0.000001\n        add: [{column: w, scale: 0.001}]\n        where: {key: x}\n")).unwrap();
+        let e = load(&ONE.replace("value: v\n", "value: v\n        scale: 0\n")).unwrap_err();
+        assert!(
+            e.contains("a scale must be a finite number other than 0"),
+            "{e}"
+        );
+        let e = load(&ONE.replace(
+            "value: v\n",
+            "value: v\n        add: [{column: w, colour: red}]\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let info = ONE
+            .replace("my_value", "my_info")
+            .replace("type: gauge", "type: info");
+        let e = load(&info.replace("value: v\n", "value: v\n        scale: 2\n")).unwrap_err();
+        assert!(
+            e.contains("`scale` and `add` change a `value` column"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn other_rules_are_checked_at_load() {
         let e = load(&ONE.replace("value: v\n", "value: v\n        other: sum\n")).unwrap_err();
         assert!(e.contains("processor: table_top_n"), "{e}");
