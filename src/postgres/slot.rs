@@ -3,7 +3,8 @@
 //!
 //! A slot owns everything about its connection: opening it with pgvigil's session
 //! settings (`default_transaction_read_only`, `application_name` from the DSN, an idle
-//! transaction limit), reading the server's facts on connect, running each query with its
+//! transaction limit) — or without any, for PgBouncer's admin console ([`Flavour`]) —
+//! reading the server's facts on connect, running each query with its
 //! own `statement_timeout` and `lock_timeout` plus a client-side deadline, noticing a
 //! closed or broken connection, and reconnecting with doubling, jittered backoff. It logs
 //! connects, reconnects and failures itself — naming the server with
@@ -494,9 +495,7 @@ impl Session {
             }),
         }
     }
-}
 
-impl Session {
     /// Runs `sql` over the simple query protocol (the only one PgBouncer's console
     /// speaks), within the client-side deadline `timeout` + 2 s. Rows of every statement
     /// in `sql` are returned together.
