@@ -198,6 +198,11 @@ fn pool_waits_show_and_clear_and_queries_are_counted() {
         duration > 0.0 && duration < 60.0,
         "seconds, not microseconds: {duration}"
     );
+    // Every PgBouncer family, with the pools and stats of a used database, passes promtool.
+    let text = get(&run.url("/metrics")).1;
+    if let Err(report) = promtool_check_metrics(&text) {
+        panic!("promtool check metrics: {report}\n--- exposition ---\n{text}");
+    }
 }
 
 /// PgBouncer stopped: its `pg_up` turns 0 while the PostgreSQL target stays up and its
