@@ -407,6 +407,27 @@ mod tests {
     }
 
     #[test]
+    fn a_kind_change_replaces_the_target_and_other_kinds_packs_do_not_concern_it() {
+        let bouncer = two("a").replace("{name: t2,", "{name: t2, kind: pgbouncer,");
+        let (a, b) = (specs(&two("a")), specs(&bouncer));
+        assert!(matches!(
+            change(Some(&a["t2"]), &b["t2"]),
+            Change::Replace { .. }
+        ));
+        assert!(b["t2"]
+            .collectors
+            .keys()
+            .all(|c| c.starts_with("pgbouncer_")));
+        assert!(!a["t1"]
+            .collectors
+            .keys()
+            .any(|c| c.starts_with("pgbouncer_")));
+        // Disabling a PostgreSQL collector leaves the PgBouncer target as it runs.
+        let c = specs(&format!("{bouncer}collectors:\n  disable: [locks]\n"));
+        assert_eq!(change(Some(&b["t2"]), &c["t2"]), Change::Keep);
+    }
+
+    #[test]
     fn a_password_change_replaces_the_target() {
         let (a, b) = (
             specs(&two("a")),
