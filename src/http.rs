@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -27,6 +27,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::exposition::{self, Format};
 use crate::store::Store;
+use crate::web::Web;
 
 /// State shared by all connections.
 pub struct Server {
@@ -217,11 +218,76 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>, shutdown: watch::
     serve_with(listener, server, Limits::default(), shutdown).await
 }
 
-/// Serves until `shutdown` turns true.
+/// Serves plain HTTP without auth until `shutdown` turns true.
 pub async fn serve_with(
     listener: TcpListener,
     server: Arc<Server>,
     limits: Limits,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_secured(listener, server, limits, None, shutdown).await
+}
+
+/// Paths open without basic auth: liveness and readiness say nothing about the databases,
+/// and probes (container HEALTHCHECK, Kubernetes) rarely carry credentials.
+fn open_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz")
+}
+
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = plain(StatusCode::UNAUTHORIZED, "unauthorized\n");
+    r.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"pgvigil\""),
+    );
+    r
+}
+
+/// Serves one accepted connection (plain or TLS) until it ends, is evicted or ages out.
+async fn serve_connection<S>(
+    io: S,
+    builder: hyper::server::conn::http1::Builder,
+    server: Arc<Server>,
+    web: Option<Arc<Web>>,
+    fresh: Arc<AtomicBool>,
+    evicted: oneshot::Receiver<()>,
+    limits: Limits,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        fresh.store(false, Ordering::Relaxed);
+        let server = Arc::clone(&server);
+        let web = web.clone();
+        async move {
+            if let Some(web) = web.filter(|_| !open_path(req.uri().path())) {
+                let header = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+                if !web.authorize(header).await {
+                    return Ok::<_, Infallible>(unauthorized());
+                }
+            }
+            Ok(server.handle(&req))
+        }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        // Displaced by a newer connection, or the table is gone: drop the socket.
+        _ = evicted => return,
+        _ = tokio::time::sleep(limits.max_connection_age) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(limits.close_grace, conn).await;
+}
+
+/// Serves until `shutdown` turns true; with `web`, over HTTPS and/or with basic auth as its
+/// `web_config_file` says.
+pub async fn serve_secured(
+    listener: TcpListener,
+    server: Arc<Server>,
+    limits: Limits,
+    web: Option<Arc<Web>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let table = Arc::new(Mutex::new(Connections::default()));
@@ -276,23 +342,29 @@ pub async fn serve_with(
         };
         let server = Arc::clone(&server);
         let builder = builder.clone();
+        let web = web.clone();
         tokio::spawn(async move {
             let _registered = registered;
-            let svc = service_fn(move |req: Request<Incoming>| {
-                fresh.store(false, Ordering::Relaxed);
-                let resp = server.handle(&req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                // Displaced by a newer connection, or the table is gone: drop the socket.
-                _ = evicted => return,
-                _ = tokio::time::sleep(limits.max_connection_age) => {}
+            let Some(acceptor) = web.as_ref().and_then(|w| w.acceptor()) else {
+                serve_connection(stream, builder, server, web, fresh, evicted, limits).await;
+                return;
+            };
+            // The handshake counts against the header deadline, and the connection stays
+            // displaceable until its first request.
+            let mut evicted = evicted;
+            let handshake =
+                tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+            let tls = tokio::select! {
+                r = handshake => r,
+                _ = &mut evicted => return,
+            };
+            match tls {
+                Ok(Ok(tls)) => {
+                    serve_connection(tls, builder, server, web, fresh, evicted, limits).await
+                }
+                Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
             }
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(limits.close_grace, conn).await;
         });
     }
 }

@@ -60,6 +60,7 @@ pub mod reload;
 pub mod sql;
 pub mod store;
 pub mod trace;
+pub mod web;
 pub mod yaml;
 
 use std::sync::Arc;
@@ -80,6 +81,8 @@ pub enum StartError {
     Pack(#[from] collector::pack::PackError),
     #[error("{0}")]
     Trace(#[from] trace::TraceError),
+    #[error("{0}")]
+    Web(#[from] web::WebError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -150,12 +153,21 @@ pub async fn run(
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(config.listen);
+    let web = match &config.web_config_file {
+        Some(path) => Some(Arc::new(web::Web::load(path)?)),
+        None => None,
+    };
+    let scheme = if web.as_ref().is_some_and(|w| w.tls()) {
+        "https"
+    } else {
+        "http"
+    };
     let store = Store::new();
     let mut running = reload::Running::new(Arc::clone(&store));
     running.apply(&config, &catalog).await?;
     store.record_reload(true, std::time::SystemTime::now());
     tracing::info!(
-        "pgvigil {} listening on http://{addr}/metrics ({} targets, {} collectors)",
+        "pgvigil {} listening on {scheme}://{addr}/metrics ({} targets, {} collectors)",
         env!("CARGO_PKG_VERSION"),
         config.targets.len(),
         catalog.collectors.len()
@@ -163,10 +175,11 @@ pub async fn run(
     on_listen(addr);
     let server = http::Server::new(Arc::clone(&store));
     let (http_stop, http_stop_rx) = watch::channel(false);
-    let serving = tokio::spawn(http::serve_with(
+    let serving = tokio::spawn(http::serve_secured(
         listener,
         Arc::clone(&server),
         http::Limits::default(),
+        web,
         http_stop_rx,
     ));
     let mut hup = hangups(reload.is_some());

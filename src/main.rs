@@ -20,6 +20,14 @@ struct Cli {
     /// Address to serve /metrics on (overrides `listen` in the config; default 127.0.0.1:9187).
     #[arg(long, global = true, env = "PGVIGIL_LISTEN")]
     listen: Option<std::net::SocketAddr>,
+    /// HTTPS and basic auth for the listener: a web.yml in Prometheus exporter-toolkit's
+    /// format (overrides `web_config_file` in the config).
+    #[arg(
+        long = "web.config.file",
+        global = true,
+        env = "PGVIGIL_WEB_CONFIG_FILE"
+    )]
+    web_config_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -30,15 +38,19 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Validate the config and all collector packs, and print the resolved plan
-    /// (targets, collectors, intervals, the SQL variant per server version).
+    /// (targets, collectors, intervals, the SQL variant per server version). Given a pack
+    /// file instead of a config, validate that pack and describe its collectors.
     CheckConfig {
-        /// Config file to check (default: --config, or the environment-only setup).
+        /// Config or pack file to check (default: --config, or the environment-only setup).
         file: Option<PathBuf>,
     },
     /// Poll every collector once and print the metrics text (for debugging a pack).
     Once,
     /// Start a throwaway local PostgreSQL with a small workload and serve its metrics.
     Demo,
+    /// Exit 0 if the pgvigil serving this config's listen address answers /healthz (for a
+    /// container HEALTHCHECK: the image has no curl). Over HTTPS when web_config_file says so.
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -154,6 +166,7 @@ fn init_logging(format: &str) {
 fn load_config(
     path: Option<&PathBuf>,
     listen: Option<std::net::SocketAddr>,
+    web: Option<&PathBuf>,
 ) -> Result<Config, String> {
     let mut config = match path {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
@@ -164,6 +177,9 @@ fn load_config(
         .map_err(|e| e.to_string())?;
     if let Some(l) = listen {
         config.listen = l;
+    }
+    if let Some(w) = web {
+        config.web_config_file = Some(w.clone());
     }
     Ok(config)
 }
@@ -179,9 +195,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 fn real_main(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         None => {
-            let config = load_config(cli.config.as_ref(), cli.listen)?;
-            let (path, listen) = (cli.config.clone(), cli.listen);
-            let reload: pgvigil::Reload = Box::new(move || load_config(path.as_ref(), listen));
+            let config = load_config(
+                cli.config.as_ref(),
+                cli.listen,
+                cli.web_config_file.as_ref(),
+            )?;
+            let (path, listen, web) = (cli.config.clone(), cli.listen, cli.web_config_file.clone());
+            let reload: pgvigil::Reload =
+                Box::new(move || load_config(path.as_ref(), listen, web.as_ref()));
             runtime()?
                 .block_on(pgvigil::run(
                     config,
@@ -192,21 +213,38 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| Failure::Error(e.to_string()))
         }
         Some(Command::CheckConfig { file }) => {
-            let config = load_config(file.as_ref().or(cli.config.as_ref()), cli.listen)?;
+            let file = file.as_ref().or(cli.config.as_ref());
+            if let Some(path) = file {
+                // A pack file on its own: validate it against the built-in packs.
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+                if pgvigil::collector::is_pack_text(&text) {
+                    let plan =
+                        pgvigil::collector::pack_plan_text(path).map_err(|e| e.to_string())?;
+                    stdout(&format!("{plan}pack OK\n"));
+                    return Ok(());
+                }
+            }
+            let config = load_config(file, cli.listen, cli.web_config_file.as_ref())?;
+            if let Some(web) = &config.web_config_file {
+                pgvigil::web::Web::load(web).map_err(|e| e.to_string())?;
+            }
             let catalog = Catalog::load(&config.collectors).map_err(|e| e.to_string())?;
             config
                 .resolve_targets(&pgvigil::process_env)
                 .map_err(|e| e.to_string())?;
-            print!("{}", pgvigil::collector::plan_text(&config, &catalog));
-            println!("config OK");
+            stdout(&format!(
+                "{}config OK\n",
+                pgvigil::collector::plan_text(&config, &catalog)
+            ));
             Ok(())
         }
         Some(Command::Once) => {
-            let config = load_config(cli.config.as_ref(), cli.listen)?;
+            let config = load_config(cli.config.as_ref(), cli.listen, None)?;
             let report = runtime()?
                 .block_on(pgvigil::once(&config))
                 .map_err(|e| e.to_string())?;
-            print!("{}", report.text);
+            stdout(&report.text);
             if report.problems.is_empty() {
                 Ok(())
             } else {
@@ -216,9 +254,36 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
                 Err(Failure::Partial(report.problems.len()))
             }
         }
+        Some(Command::Healthcheck) => {
+            let config = load_config(
+                cli.config.as_ref(),
+                cli.listen,
+                cli.web_config_file.as_ref(),
+            )?;
+            let tls = match &config.web_config_file {
+                Some(web) => pgvigil::web::Web::load(web)
+                    .map_err(|e| e.to_string())?
+                    .tls(),
+                None => false,
+            };
+            pgvigil::web::healthcheck(config.listen, tls, std::time::Duration::from_secs(3))
+                .map_err(|e| Failure::Error(format!("unhealthy: {e}")))
+        }
         Some(Command::Demo) => runtime()?
             .block_on(pgvigil::demo::run(cli.listen, shutdown_signal()))
             .map_err(|e| Failure::Error(e.to_string())),
+    }
+}
+
+/// Writes `text` to stdout. A reader that went away (`pgvigil once | head`) is not an
+/// error worth a panic: the rest is dropped, as `cat` does.
+fn stdout(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("pgvigil: cannot write to stdout: {e}");
+        }
     }
 }
 

@@ -116,6 +116,20 @@ pub fn locate_after(text: &str, key: &str, value: &str, after: usize) -> (usize,
     (0, 0)
 }
 
+/// The line and column of the first `key:` (any value) from line `after` (1-based) on.
+pub fn locate_key_after(text: &str, key: &str, after: usize) -> (usize, usize) {
+    for (i, line) in text.lines().enumerate().skip(after.saturating_sub(1)) {
+        let trimmed = line.trim_start().trim_start_matches("- ").trim_start();
+        if trimmed
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        {
+            return (i + 1, line.len() - trimmed.len() + 1);
+        }
+    }
+    (0, 0)
+}
+
 /// The line and column of the first `word` (a whole word) after the first line containing
 /// `anchor`, e.g. a name inside `disable: [a, b]`.
 pub fn locate_word(text: &str, anchor: &str, word: &str) -> (usize, usize) {

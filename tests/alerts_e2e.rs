@@ -206,6 +206,14 @@ fn archiving_alert_fires_and_resolves_and_every_dashboard_panel_evaluates() {
         // For the planning-time panel.
         ("pg_stat_statements.track_planning", "on"),
     ]);
+    // For the security panels: a password that expires, a policy with RLS off.
+    pg.psql(
+        "postgres",
+        "CREATE ROLE expiring LOGIN VALID UNTIL '2099-01-01 00:00:00+00';
+         CREATE TABLE guarded (id int, owner text);
+         CREATE POLICY own_rows ON guarded USING (owner = current_user);",
+    )
+    .unwrap();
     // A PgBouncer in front of it, for the PgBouncer panels (target b1).
     let bouncer = TempPgBouncer::start(&pg, &PgBouncerOptions::default())
         .unwrap_or_else(|e| panic!("start PgBouncer: {e}"));

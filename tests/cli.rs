@@ -195,6 +195,119 @@ fn invalid_metric_name_in_user_pack() {
 }
 
 #[test]
+fn unreadable_password_file_and_pack_path_are_located_in_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-secret");
+    let (path, out) = check_config(
+        dir.path(),
+        &format!(
+            "targets:\n  - name: a\n    dsn: host=db.example\n  - name: b\n    dsn: host=db2.example\n    password_file: {}\n",
+            missing.display()
+        ),
+    );
+    assert_error_at(
+        &out,
+        &path,
+        6,
+        &["targets[1].password_file", "no-such-secret", "cannot read"],
+    );
+
+    let packs = dir.path().join("no-such-packs");
+    let (path, out) = check_config(
+        dir.path(),
+        &format!(
+            "targets:\n  - name: a\n    dsn: host=db.example\ncollectors:\n  paths:\n    - {}\n",
+            packs.display()
+        ),
+    );
+    assert_error_at(
+        &out,
+        &path,
+        6,
+        &["collectors.paths", "no-such-packs", "cannot read"],
+    );
+}
+
+#[test]
+fn the_reserved_target_label_is_located_in_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, out) = check_config(
+        dir.path(),
+        "targets:\n  - name: a\n    dsn: host=db.example\n  - name: b\n    dsn: host=db2.example\n    labels:\n      env: prod\n      target: other\n",
+    );
+    assert_error_at(&out, &path, 8, &["targets[1].labels", "`target`"]);
+}
+
+#[test]
+fn check_config_takes_a_pack_file_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = write(dir.path(), "mine.yaml", &user_pack("my_value"));
+    let out = pgvigil()
+        .arg("check-config")
+        .arg(&pack)
+        .output()
+        .expect("run pgvigil check-config");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ctx = format!(
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{:?}\n{ctx}", out.status);
+    assert!(
+        stdout.contains("collectors (1):"),
+        "only the pack's collectors\n{ctx}"
+    );
+    assert!(stdout.lines().any(|l| l.starts_with("  mine [")), "{ctx}");
+    assert!(stdout.contains("my_value (gauge): A value."), "{ctx}");
+    assert!(stdout.contains("pack OK"), "{ctx}");
+
+    // A broken pack is located in the pack, and a clash with a built-in name is found.
+    let bad = write(dir.path(), "bad.yaml", &user_pack("my-metric"));
+    let out = pgvigil().arg("check-config").arg(&bad).output().unwrap();
+    assert_error_at(
+        &out,
+        &bad,
+        7,
+        &["collectors[0].metrics[0].name", "my-metric"],
+    );
+    let clash = write(
+        dir.path(),
+        "clash.yaml",
+        &user_pack("pg_database_size_bytes"),
+    );
+    let out = pgvigil().arg("check-config").arg(&clash).output().unwrap();
+    assert_error_at(
+        &out,
+        &clash,
+        7,
+        &["duplicate metric name pg_database_size_bytes"],
+    );
+}
+
+#[test]
+fn a_reader_that_goes_away_is_no_panic() {
+    // `pgvigil check-config | head -1`: the pipe closes before the plan is written.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "pgvigil.yaml",
+        "targets:\n  - name: a\n    dsn: host=db.example\n",
+    );
+    let mut child = pgvigil()
+        .arg("check-config")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
+
+#[test]
 fn good_config_prints_the_plan() {
     let dir = tempfile::tempdir().unwrap();
     let (_, out) = check_config(

@@ -6,7 +6,8 @@
 //! - `PGVIGIL_UPDATE_GOLDEN=1 cargo nextest run --test golden` rewrites the `.prom` files
 //!   (read the diff before committing it).
 //! - `cargo nextest run --test golden --run-ignored only` records the rows again from a
-//!   throwaway PostgreSQL with a small workload (`tests/golden/rows/*.yaml`).
+//!   throwaway PostgreSQL with a small workload (`tests/golden/rows/*.yaml`);
+//!   `PGVIGIL_RECORD_ONLY=collector,…` records only those collectors' rows (a new pack).
 
 mod common;
 
@@ -380,6 +381,22 @@ fn record_rows() {
         waits_for_lock(&pg, waiter.pid) && waits_for_lock(&pg, second.pid)
     });
 
+    // Security posture: a password that expires, a policy that protects nothing, RLS the
+    // owner bypasses, and a pg_hba.conf line the server cannot parse (not reloaded).
+    pg.psql(
+        "postgres",
+        "CREATE ROLE golden_app LOGIN PASSWORD 'x' VALID UNTIL '2030-01-01 00:00:00+00';
+         CREATE TABLE tenants (id int, owner text);
+         CREATE POLICY tenant_rows ON tenants USING (owner = current_user);
+         CREATE TABLE accounts (id int);
+         ALTER TABLE accounts ENABLE ROW LEVEL SECURITY;",
+    )
+    .unwrap();
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let mut text = std::fs::read_to_string(&hba).unwrap();
+    text.push_str("host all all 127.0.0.1/32 no_such_method\n");
+    std::fs::write(&hba, text).unwrap();
+
     let catalog = builtin();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt.block_on(async {
@@ -415,7 +432,15 @@ fn record_rows() {
     pg.psql("postgres", "COMMIT PREPARED 'golden'").unwrap();
     let _ = waiting.wait(Duration::from_secs(10));
     let _ = waiting2.wait(Duration::from_secs(10));
+    // PGVIGIL_RECORD_ONLY=a,b records the rows of those collectors only (a new pack),
+    // leaving every other recording as it is.
+    let only: Option<Vec<String>> = std::env::var("PGVIGIL_RECORD_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
     for (i, (name, _)) in polls[0].iter().enumerate() {
+        if only.as_ref().is_some_and(|o| !o.contains(name)) {
+            continue;
+        }
         let doc = serde_yaml_ng::to_string(&serde_yaml_ng::Mapping::from_iter([(
             Value::from("polls"),
             Value::Sequence(

@@ -44,10 +44,38 @@ fn variant_plan(queries: &pack::Variants) -> String {
     format!("PostgreSQL {}", parts.join("; "))
 }
 
+/// Whether `text` is a collector pack (a top-level `collectors:` list) rather than a config
+/// file (whose `collectors:` is a mapping), so `check-config` can take either.
+pub fn is_pack_text(text: &str) -> bool {
+    serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text).is_ok_and(|v| {
+        v.get("collectors")
+            .is_some_and(serde_yaml_ng::Value::is_sequence)
+    })
+}
+
+/// `check-config PACK`: loads the pack beside the built-in ones (so a clash of names is
+/// found) and describes only its collectors, with the default intervals.
+pub fn pack_plan_text(path: &std::path::Path) -> Result<String, pack::PackError> {
+    let config = Config::default();
+    let catalog = Catalog::load(&crate::config::CollectorsConfig {
+        paths: vec![path.to_path_buf()],
+        ..Default::default()
+    })?;
+    let mine: Vec<_> = catalog
+        .collectors
+        .iter()
+        .filter(|c| c.source == path)
+        .cloned()
+        .collect();
+    let mut out = String::new();
+    let _ = writeln!(out, "pack {}", path.display());
+    collectors_text(&mut out, &config, &mine, &catalog.notes);
+    Ok(out)
+}
+
 /// A human-readable plan: targets, then each collector with its interval, timeout and the
 /// SQL variant each supported server version gets.
 pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
-    let d: CollectorDefaults = config.collectors.defaults;
     let mut out = String::new();
     let _ = writeln!(out, "listen: {}", config.listen);
     let _ = writeln!(out, "targets:");
@@ -58,8 +86,20 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
             t.name, t.kind, t.dsn, t.max_connections.0
         );
     }
-    let _ = writeln!(out, "collectors ({}):", catalog.collectors.len());
-    for c in &catalog.collectors {
+    collectors_text(&mut out, config, &catalog.collectors, &catalog.notes);
+    out
+}
+
+/// The collectors part of the plan.
+fn collectors_text(
+    out: &mut String,
+    config: &Config,
+    collectors: &[pack::CollectorDef],
+    notes: &[String],
+) {
+    let d: CollectorDefaults = config.collectors.defaults;
+    let _ = writeln!(out, "collectors ({}):", collectors.len());
+    for c in collectors {
         let scope = match c.scope {
             Scope::Cluster => "cluster",
             Scope::Database => "database",
@@ -86,6 +126,13 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
         );
         if let Some(ext) = &c.requires.extension {
             let _ = writeln!(out, "      requires extension {ext}");
+        }
+        if let Some(grant) = &c.requires.grant {
+            let _ = writeln!(
+                out,
+                "      needs a superuser, or: {} (skipped where denied)",
+                grant.trim()
+            );
         }
         match c.kind {
             TargetKind::Postgres => {
@@ -144,8 +191,7 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
             }
         }
     }
-    for note in &catalog.notes {
+    for note in notes {
         let _ = writeln!(out, "note: {note}");
     }
-    out
 }

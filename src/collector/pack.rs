@@ -58,6 +58,10 @@ pub const BUILTIN_PACKS: &[(&str, &str)] = &[
         include_str!("../../queries/dbload.yaml"),
     ),
     (
+        "queries/security.yaml",
+        include_str!("../../queries/security.yaml"),
+    ),
+    (
         "queries/pgbouncer.yaml",
         include_str!("../../queries/pgbouncer.yaml"),
     ),
@@ -201,6 +205,7 @@ impl CollectorDef {
         let unsupported = [
             (self.scope == Scope::Database, "`scope: database`"),
             (self.requires.extension.is_some(), "`requires.extension`"),
+            (self.requires.grant.is_some(), "`requires.grant`"),
             (self.cache.is_some(), "`cache`"),
             (self.per_database.is_some(), "`per_database`"),
             (self.processor.is_some(), "`processor`"),
@@ -289,6 +294,13 @@ pub struct Requires {
     /// An extension that must be installed in the database (e.g. `pg_stat_statements`).
     #[serde(default)]
     pub extension: Option<String>,
+    /// The statement(s) that give a role without the privilege the query needs (beyond
+    /// `pg_monitor`) what it needs, e.g. `GRANT SELECT ON pg_hba_file_rules TO <role>`.
+    /// Where the query is denied (SQLSTATE 42501) the collector is skipped by plan
+    /// (`missing_privilege`) and the once-logged line says this, so the operator knows what
+    /// to grant, instead of only the server's "permission denied".
+    #[serde(default)]
+    pub grant: Option<String>,
 }
 
 /// A collector name: lower-case identifier, used in self-metric labels and in `disable`.
@@ -829,10 +841,26 @@ impl Catalog {
             })
             .collect();
         for p in &config.paths {
-            for path in pack_files(p)? {
-                let text = std::fs::read_to_string(&path).map_err(|source| PackError::Read {
-                    path: path.clone(),
-                    source,
+            // A path that cannot be read is an error in the config: locate it there.
+            let located = |e: PackError| match (e, config.source.as_ref()) {
+                (PackError::Read { path, source }, Some((file, text))) => {
+                    PackError::Yaml(YamlError::at(
+                        file,
+                        yaml::locate_word(text, "paths", &p.display().to_string()),
+                        format!(
+                            "collectors.paths: {}: cannot read: {source}",
+                            path.display()
+                        ),
+                    ))
+                }
+                (e, _) => e,
+            };
+            for path in pack_files(p).map_err(located)? {
+                let text = std::fs::read_to_string(&path).map_err(|source| {
+                    located(PackError::Read {
+                        path: path.clone(),
+                        source,
+                    })
                 })?;
                 files.push(Loaded {
                     path,

@@ -446,7 +446,8 @@ impl TargetPoller {
         // database, turns `pg_up` to 0 through `session_events`).
         let rows = slot
             .fetch(&variant.sql, timeout, self.defaults.lock_timeout.0)
-            .await?;
+            .await
+            .map_err(|e| with_grant(e, def.requires.grant.as_deref()))?;
         Ok(Some(rows))
     }
 
@@ -708,6 +709,19 @@ fn jittered_start(every: Duration) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_millis(fastrand::u64(0..ms))
 }
 
+/// A permission error of a collector with `requires.grant`: the message says what to
+/// grant (it is logged once, as the collector is skipped by plan).
+fn with_grant(mut e: PgError, grant: Option<&str>) -> PgError {
+    if let (ErrorKind::Permission, Some(grant)) = (e.kind, grant) {
+        e.message = format!(
+            "{}; collector skipped (run it as a superuser, or: {})",
+            e.message,
+            grant.trim()
+        );
+    }
+    e
+}
+
 /// What the main database's session means for the target: `pg_up` follows it, and a
 /// failed attempt also makes the target ready, so `/readyz` does not wait for a server
 /// that is down.
@@ -754,6 +768,19 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_denied_query_says_what_to_grant() {
+        let denied = PgError::new(ErrorKind::Permission, "ERROR: permission denied for view v");
+        let e = with_grant(denied.clone(), Some("GRANT SELECT ON v TO <role>\n"));
+        assert_eq!(
+            e.message,
+            "ERROR: permission denied for view v; collector skipped (run it as a superuser, or: GRANT SELECT ON v TO <role>)"
+        );
+        assert_eq!(with_grant(denied.clone(), None).message, denied.message);
+        let failed = PgError::new(ErrorKind::Query, "ERROR: boom");
+        assert_eq!(with_grant(failed, Some("GRANT x")).message, "ERROR: boom");
+    }
 
     #[test]
     fn log_limiter_repeats_only_on_change() {

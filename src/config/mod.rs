@@ -13,6 +13,7 @@ use serde::Deserialize;
 pub use crate::postgres::dsn::{describe, Dsn};
 pub use types::{Interval, LabelName, MetricName, Pattern, TargetKind};
 
+use crate::postgres::password::PasswordSource;
 use crate::postgres::tls::{TlsParams, TlsSettings};
 use crate::yaml::{self, YamlError};
 
@@ -58,6 +59,9 @@ pub struct Config {
     /// Slow-query spans over OTLP.
     #[serde(default)]
     pub tracing: TracingConfig,
+    /// HTTPS and basic auth for the listener, in exporter-toolkit's `web.yml` format.
+    #[serde(default)]
+    pub web_config_file: Option<PathBuf>,
 }
 
 /// The `activity:` section: the per-target `pg_stat_activity` sampler, which feeds
@@ -205,6 +209,7 @@ impl Default for Config {
             tables: TablesConfig::default(),
             activity: ActivityConfig::default(),
             tracing: TracingConfig::default(),
+            web_config_file: None,
         }
     }
 }
@@ -439,7 +444,7 @@ impl Config {
             if t.labels.keys().any(|k| k.0 == "target") {
                 return Err(YamlError::at(
                     path,
-                    yaml::locate(text, "target", ""),
+                    yaml::locate_key_after(text, "target", at.0),
                     format!(
                         "targets[{i}].labels: `target` is set by pgvigil and cannot be overridden"
                     ),
@@ -470,19 +475,45 @@ impl Config {
     ) -> Result<Vec<Target>, ConfigError> {
         self.targets
             .iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(i, t)| {
                 let mut pg = t.dsn.0.clone();
                 if let Some(file) = &t.password_file {
-                    let text =
-                        std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-                            path: file.clone(),
-                            source,
-                        })?;
+                    let text = std::fs::read_to_string(file).map_err(|source| {
+                        let message = format!(
+                            "targets[{i}].password_file: {}: cannot read: {source}",
+                            file.display()
+                        );
+                        match &self.collectors.source {
+                            Some((path, text)) => {
+                                let at = yaml::locate_after(
+                                    text,
+                                    "password_file",
+                                    &file.display().to_string(),
+                                    yaml::locate(text, "name", &t.name).0,
+                                );
+                                ConfigError::Yaml(YamlError::at(path, at, message))
+                            }
+                            None => ConfigError::Invalid(message),
+                        }
+                    })?;
                     pg.password(text.lines().next().unwrap_or(""));
                 } else if pg.get_password().is_none() {
                     if let Some(pw) = env("PGPASSWORD") {
                         pg.password(pw);
                     }
+                }
+                // Read again at every connect: a rotated password_file or password file
+                // needs no restart. libpq's default password file is PGPASSFILE, else
+                // ~/.pgpass.
+                let mut password = t.dsn.2.clone();
+                password.file = t.password_file.clone();
+                if password.passfile.is_none() {
+                    password.passfile = env("PGPASSFILE").map(PathBuf::from).or_else(|| {
+                        env("HOME")
+                            .filter(|h| !h.is_empty())
+                            .map(|h| PathBuf::from(h).join(".pgpass"))
+                    });
                 }
                 if pg.get_application_name().is_none() {
                     pg.application_name("pgvigil");
@@ -492,7 +523,7 @@ impl Config {
                 Ok(Target {
                     name: t.name.clone(),
                     kind: t.kind,
-                    pg: Dsn(pg, t.dsn.1.clone()),
+                    pg: Dsn(pg, t.dsn.1.clone(), password),
                     labels,
                     databases: t.databases.clone(),
                     max_connections: t.max_connections.0,
@@ -507,20 +538,32 @@ impl Config {
 /// `PGSSLCERT`, `PGSSLKEY` (libpq's defaults for the rest).
 fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig, ConfigError> {
     let dsn = match env("DATA_SOURCE_NAME") {
-        Some(s) => s
-            .parse::<Dsn>()
-            .map_err(|e| ConfigError::Invalid(format!("DATA_SOURCE_NAME: {e}")))?,
+        Some(s) => {
+            let mut dsn = s
+                .parse::<Dsn>()
+                .map_err(|e| ConfigError::Invalid(format!("DATA_SOURCE_NAME: {e}")))?;
+            // As libpq: PGAPPNAME applies when the connection string sets no application_name
+            // (pgvigil's own default, `pgvigil`, is filled in later for every target).
+            if dsn.0.get_application_name().is_none() {
+                if let Some(app) = env("PGAPPNAME") {
+                    dsn.0.application_name(app);
+                }
+            }
+            dsn
+        }
         None => {
             let mut pg = tokio_postgres::Config::new();
-            let host = env("PGHOST").unwrap_or_else(|| "localhost".into());
+            let port = env("PGPORT").unwrap_or_else(|| "5432".into());
+            let port: u16 = port
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("PGPORT={port:?}: {e}")))?;
+            let host = env("PGHOST")
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| default_host(DEFAULT_SOCKET_DIRS, port));
             for h in host.split(',') {
                 pg.host(h);
             }
-            let port = env("PGPORT").unwrap_or_else(|| "5432".into());
-            pg.port(
-                port.parse()
-                    .map_err(|e| ConfigError::Invalid(format!("PGPORT={port:?}: {e}")))?,
-            );
+            pg.port(port);
             let user = env("PGUSER")
                 .or_else(|| env("USER"))
                 .unwrap_or_else(|| "postgres".into());
@@ -531,7 +574,7 @@ fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig,
             }
             let tls = tls_from_env(env)?;
             pg.ssl_mode(tls.driver_mode());
-            Dsn(pg, tls)
+            Dsn(pg, tls, PasswordSource::default())
         }
     };
     // `host:port`, also for a Unix socket (`/var/run/postgresql:5432`).
@@ -548,6 +591,18 @@ fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig,
         databases: DatabaseFilter::default(),
         max_connections: default_max_connections(),
     })
+}
+
+/// Where libpq builds look for the server's socket by default: Debian/Ubuntu's, then the
+/// upstream default.
+const DEFAULT_SOCKET_DIRS: &[&str] = &["/var/run/postgresql", "/tmp"];
+
+/// libpq's default host when `PGHOST` is unset: the Unix socket directory, here the first of
+/// `dirs` holding a socket for `port`; `localhost` (TCP) when none does.
+fn default_host(dirs: &[&str], port: u16) -> String {
+    dirs.iter()
+        .find(|d| Path::new(d).join(format!(".s.PGSQL.{port}")).exists())
+        .map_or_else(|| "localhost".to_string(), |d| d.to_string())
 }
 
 /// TLS settings from libpq's `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`;
@@ -570,6 +625,21 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(Path::new("pgvigil.yaml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn default_host_is_the_socket_directory_that_has_a_socket_else_localhost() {
+        let empty = tempfile::tempdir().unwrap();
+        let with = tempfile::tempdir().unwrap();
+        let _socket =
+            std::os::unix::net::UnixListener::bind(with.path().join(".s.PGSQL.5499")).unwrap();
+        let (e, w) = (
+            empty.path().to_str().unwrap(),
+            with.path().to_str().unwrap(),
+        );
+        assert_eq!(default_host(&[e, w], 5499), w);
+        assert_eq!(default_host(&[e, w], 5432), "localhost");
+        assert_eq!(default_host(&[e], 5499), "localhost");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::postgres::password::PasswordSource;
 use crate::postgres::tls::{TlsParams, TlsSettings};
 use crate::yaml::from_str_de;
 
@@ -22,6 +23,8 @@ pub struct Dsn(
     pub tokio_postgres::Config,
     /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey` with libpq's meaning.
     pub TlsSettings,
+    /// Where the password comes from when it is not in the string (read per connection).
+    pub PasswordSource,
 );
 
 impl std::fmt::Debug for Dsn {
@@ -44,7 +47,11 @@ impl FromStr for Dsn {
         let tls =
             TlsSettings::resolve(&params, home_dir().as_deref()).map_err(|e| e.to_string())?;
         pg.ssl_mode(tls.driver_mode());
-        Ok(Dsn(pg, tls))
+        let password = PasswordSource {
+            file: None,
+            passfile: params.passfile.map(PathBuf::from),
+        };
+        Ok(Dsn(pg, tls, password))
     }
 }
 
@@ -228,6 +235,23 @@ mod tests {
             sslrootcert: root.map(str::to_string),
             sslcert: cert.map(str::to_string),
             sslkey: key.map(str::to_string),
+            passfile: None,
+        }
+    }
+
+    #[test]
+    fn passfile_is_taken_out_of_both_forms() {
+        for dsn in [
+            "postgresql://u@db1/app?passfile=%2Fetc%2Fpgvigil%2Fpgpass&application_name=x",
+            "host=db1 user=u dbname=app passfile='/etc/pgvigil/pgpass' application_name=x",
+        ] {
+            let d: Dsn = dsn.parse().unwrap();
+            assert_eq!(
+                d.2.passfile.as_deref(),
+                Some(std::path::Path::new("/etc/pgvigil/pgpass")),
+                "{dsn}"
+            );
+            assert_eq!(d.0.get_application_name(), Some("x"));
         }
     }
 

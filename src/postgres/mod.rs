@@ -5,6 +5,7 @@
 //! Nothing here knows about collectors, metrics or spans.
 
 pub mod dsn;
+pub mod password;
 pub mod slot;
 pub mod tls;
 pub mod value;

@@ -403,8 +403,12 @@ impl Session {
         flavour: Flavour,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Result<(Session, ServerInfo), PgError> {
-        let Dsn(config, tls_settings) = dsn;
+        let Dsn(config, tls_settings, password) = dsn;
         let mut config = config.clone();
+        // Read now, so a rotated password file is used by the next connection.
+        password
+            .apply(&mut config)
+            .map_err(|e| PgError::new(ErrorKind::Connect, e))?;
         config.connect_timeout(connect_timeout);
         tls::prepare_driver_config(&mut config, tls_settings);
         // Built per session: certificate files are read again, so rotated ones are used.

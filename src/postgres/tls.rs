@@ -103,6 +103,9 @@ pub struct TlsParams {
     pub sslrootcert: Option<String>,
     pub sslcert: Option<String>,
     pub sslkey: Option<String>,
+    /// libpq's `passfile`, which the driver does not know either; taken out of the DSN
+    /// with the TLS parameters and handed to [`crate::postgres::password`].
+    pub passfile: Option<String>,
 }
 
 impl TlsParams {
@@ -114,6 +117,7 @@ impl TlsParams {
             "sslrootcert" => &mut self.sslrootcert,
             "sslcert" => &mut self.sslcert,
             "sslkey" => &mut self.sslkey,
+            "passfile" => &mut self.passfile,
             _ => return false,
         };
         *slot = Some(value);
@@ -344,6 +348,19 @@ pub fn connector(settings: &TlsSettings) -> Result<MakeRustlsConnect, TlsConfigE
         _ => builder.with_no_client_auth(),
     };
     Ok(MakeRustlsConnect::new(config))
+}
+
+/// A client config that encrypts but accepts any server certificate: for `pgvigil
+/// healthcheck`, which talks to its own listener on loopback.
+pub fn encrypt_only_client_config() -> ClientConfig {
+    let provider = Arc::new(provider());
+    let algorithms = provider.signature_verification_algorithms;
+    ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(algorithms)))
+        .with_no_client_auth()
 }
 
 /// Whether a connect error is the server's certificate being rejected (not a network or

@@ -76,7 +76,7 @@ impl Pgvigil {
             stderr,
             reader,
         };
-        let line = started.wait_for_log("listening on http://", START_TIMEOUT);
+        let line = started.wait_for_log("listening on http", START_TIMEOUT);
         started.addr = listen_addr(&line)
             .unwrap_or_else(|| panic!("no address in the listening line: {line}"));
         started
@@ -168,6 +168,6 @@ fn collect(pipe: ChildStderr, into: Arc<Mutex<String>>) -> JoinHandle<()> {
 
 /// The address in pgvigil's "… listening on http://ADDR/metrics …" log line.
 fn listen_addr(line: &str) -> Option<SocketAddr> {
-    let rest = line.split("listening on http://").nth(1)?;
+    let rest = line.split("://").nth(1)?;
     rest.split('/').next()?.parse().ok()
 }
