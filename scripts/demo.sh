@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds pgvigil and runs `pgvigil demo`: a throwaway local PostgreSQL with a small
-# workload, monitored by pgvigil on http://127.0.0.1:9187/metrics. Ctrl-C stops and
-# deletes everything. Installs the PostgreSQL server binaries first if they are missing
+# Builds pgvigil and runs `pgvigil demo`: a throwaway local PostgreSQL and a standby with
+# a workload and a timeline of outages, monitored by pgvigil on
+# http://127.0.0.1:9187/metrics. Ctrl-C stops and deletes everything. Arguments go to
+# `pgvigil demo` (e.g. --no-standby). Installs the PostgreSQL server binaries first if they are missing
 # (Debian/Ubuntu, as root or with sudo).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -40,13 +40,14 @@
 //!   running the query of the `activity` collector in `queries/dbload.yaml`, which the
 //!   poller skips), DB load (`trace::load`: the sampler's rows → the pack's
 //!   `pg_activity_active_seconds_total`, stored like a collector's snapshot), traceparent
-//!   parsing, slow-query spans, OTLP export.
+//!   parsing, slow-query spans, OTLP export (or the console, for the demo).
 //! - [`metric`]: the metric model every stage passes on (type, family, sample).
 //! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
 //! - [`yaml`]: YAML → typed values with file, line and field in every error.
-//! - [`demo`]: `pgvigil demo` ([`demo::run`]): a throwaway local PostgreSQL
+//! - [`demo`]: `pgvigil demo` ([`demo::run`]): a throwaway local PostgreSQL and a standby
 //!   ([`demo::cluster`], which the integration tests use too, with a throwaway PgBouncer in
-//!   front of it when they need one) with a small workload.
+//!   front of a cluster when they need one) with a small workload and a timeline of
+//!   outages (`demo::timeline`, one schedule table).
 
 pub mod collector;
 pub mod config;

@@ -46,8 +46,21 @@ enum Command {
     },
     /// Poll every collector once and print the metrics text (for debugging a pack).
     Once,
-    /// Start a throwaway local PostgreSQL with a small workload and serve its metrics.
-    Demo,
+    /// Start a throwaway local PostgreSQL and a standby with a workload that reproduces
+    /// outages on a timeline (printed on stderr), and serve their metrics.
+    Demo {
+        /// Do not start and monitor a streaming standby.
+        #[arg(long)]
+        no_standby: bool,
+        /// Print a Prometheus configuration that scrapes the demo (at --listen) and loads
+        /// the alert rules (alerts/pgvigil.rules.yml), then exit.
+        #[arg(long)]
+        print_prometheus_config: bool,
+        /// Multiply every time of the timeline by this (tests shrink it, e.g. 0.05).
+        #[arg(long, hide = true, env = "PGVIGIL_DEMO_TIMELINE_SCALE", default_value = "1",
+              value_parser = pgvigil::demo::parse_timeline_scale)]
+        timeline_scale: f64,
+    },
     /// Exit 0 if the pgvigil serving this config's listen address answers /healthz (for a
     /// container HEALTHCHECK: the image has no curl). Over HTTPS when web_config_file says so.
     Healthcheck,
@@ -55,6 +68,8 @@ enum Command {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    // Before any thread starts: it changes the process environment.
+    pgvigil::trace::export::take_compression_env();
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     raise_open_file_limit();
@@ -269,9 +284,28 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
             pgvigil::web::healthcheck(config.listen, tls, std::time::Duration::from_secs(3))
                 .map_err(|e| Failure::Error(format!("unhealthy: {e}")))
         }
-        Some(Command::Demo) => runtime()?
-            .block_on(pgvigil::demo::run(cli.listen, shutdown_signal()))
-            .map_err(|e| Failure::Error(e.to_string())),
+        Some(Command::Demo {
+            print_prometheus_config: true,
+            ..
+        }) => {
+            let listen = cli.listen.unwrap_or_else(|| Config::default().listen);
+            print!("{}", pgvigil::demo::prometheus_config(listen, None));
+            Ok(())
+        }
+        Some(Command::Demo {
+            no_standby,
+            timeline_scale,
+            ..
+        }) => {
+            let opts = pgvigil::demo::DemoOptions {
+                listen: cli.listen,
+                standby: !no_standby,
+                timeline_scale,
+            };
+            runtime()?
+                .block_on(pgvigil::demo::run(opts, shutdown_signal()))
+                .map_err(|e| Failure::Error(e.to_string()))
+        }
     }
 }
 

@@ -282,18 +282,20 @@ impl Running {
             let sampled = tracing
                 .as_ref()
                 .filter(|_| target.kind == TargetKind::Postgres);
-            let key = sampled.map(|_| {
-                // Everything the sampler depends on: connection and labels, tracing,
-                // the activity section and the collector whose query it runs.
+            let key = sampled.map(|plan| {
+                // Everything the sampler depends on: connection and labels, tracing (and
+                // the contents of its certificate files), the activity section and the
+                // collector whose query it runs.
                 let sampler_defs: Vec<&CollectorDef> = catalog
                     .collectors
                     .iter()
                     .filter(|c| c.run_by == crate::collector::pack::RunBy::ActivitySampler)
                     .collect();
                 format!(
-                    "{} {:?} {:?} {:?} {:?}",
+                    "{} {:?} {} {:?} {:?} {:?}",
                     running.spec.base,
                     config.tracing,
+                    plan.files_key(),
                     config.activity,
                     config.collectors.defaults,
                     sampler_defs

@@ -1,14 +1,14 @@
 //! TLS to PostgreSQL with libpq's `sslmode` semantics, against a real server: a throwaway
-//! CA and server/client certificates made with the `openssl` CLI, a cluster with
+//! CA and server/client certificates made with the `openssl` CLI ([`common::pki`]), a cluster with
 //! `ssl = on` (and `cert` authentication for one role), and pgvigil's own `connect`.
 
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::pki::{make_ca, make_leaf};
 use common::*;
 use pgvigil::config::{Config, Dsn};
 use pgvigil::postgres::slot::Slot;
@@ -24,47 +24,6 @@ struct Pki {
     /// CN=certuser, for `cert` authentication.
     client_crt: PathBuf,
     client_key: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("running openssl ({e}); these tests need it: apt-get install openssl")
-        });
-    assert!(
-        out.status.success(),
-        "openssl {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A self-signed CA `name`.crt/.key in `dir`.
-fn make_ca(dir: &Path, name: &str) {
-    let args = format!(
-        "req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-         -keyout {name}.key -out {name}.crt -subj /CN=pgvigil-test-{name} \
-         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign"
-    );
-    openssl(dir, &args.split_whitespace().collect::<Vec<_>>());
-}
-
-/// A leaf `name`.crt/.key signed by `ca`, with the given subject and extensions.
-fn make_leaf(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
-    let args = format!(
-        "req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-         -keyout {name}.key -out {name}.csr -subj /CN={cn}"
-    );
-    openssl(dir, &args.split_whitespace().collect::<Vec<_>>());
-    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    let args = format!(
-        "x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -set_serial 0x1234 -days 2 \
-         -out {name}.crt -extfile {name}.ext"
-    );
-    openssl(dir, &args.split_whitespace().collect::<Vec<_>>());
 }
 
 fn make_pki(dir: &Path) -> Pki {

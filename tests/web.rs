@@ -13,16 +13,7 @@ use common::binary::Pgvigil;
 use common::{free_port, write, Serving};
 
 fn openssl(dir: &Path, args: &str) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args.split_whitespace())
-        .output()
-        .expect("openssl (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::pki::openssl(dir, &args.split_whitespace().collect::<Vec<_>>());
 }
 
 /// A CA, a server certificate for 127.0.0.1 (serial `serial`) and a client certificate.

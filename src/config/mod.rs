@@ -106,12 +106,34 @@ pub struct TracingConfig {
     /// parsed, with a warning); always `None` afterwards.
     #[serde(default)]
     pub sample_interval: Option<Interval>,
+    /// PEM file of the CA certificate(s) that verify an `https://` receiver, in place of
+    /// the OS trust store; default `OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`, else
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE`.
+    #[serde(default)]
+    pub certificate: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS, with `client_key`; default
+    /// `OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE`, else
+    /// `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`.
+    #[serde(default)]
+    pub client_certificate: Option<PathBuf>,
+    /// PEM private key (unencrypted) of `client_certificate`; default
+    /// `OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY`, else `OTEL_EXPORTER_OTLP_CLIENT_KEY`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// `gzip` or `none`; default `OTEL_EXPORTER_OTLP_TRACES_COMPRESSION`, else
+    /// `OTEL_EXPORTER_OTLP_COMPRESSION`, else `none`.
+    #[serde(default)]
+    pub compression: Option<OtlpCompression>,
     /// `service.name` of the spans' resource; default `OTEL_SERVICE_NAME`, else `pgvigil`.
     #[serde(default)]
     pub service_name: Option<String>,
     /// Spans waiting for export, per target; beyond it new spans are dropped (counted).
     #[serde(default = "default_queue")]
     pub queue_size: usize,
+    /// With no OTLP endpoint, print each slow-query span on stderr instead of turning
+    /// tracing off. Not a config file key: `pgvigil demo` sets it.
+    #[serde(skip)]
+    pub console: bool,
 }
 
 /// OTLP transport.
@@ -121,6 +143,26 @@ pub enum OtlpProtocol {
     Grpc,
     #[serde(rename = "http/protobuf")]
     HttpProtobuf,
+}
+
+/// Compression of OTLP export requests (the OTel exporter spec's values).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum OtlpCompression {
+    #[serde(rename = "gzip")]
+    Gzip,
+    #[serde(rename = "none")]
+    None,
+}
+
+impl std::str::FromStr for OtlpCompression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "gzip" => Ok(OtlpCompression::Gzip),
+            "none" => Ok(OtlpCompression::None),
+            other => Err(format!("invalid value {other:?}: use gzip or none")),
+        }
+    }
 }
 
 fn default_slow() -> Interval {
@@ -137,8 +179,13 @@ impl Default for TracingConfig {
             protocol: None,
             slow_query_threshold: default_slow(),
             sample_interval: None,
+            certificate: None,
+            client_certificate: None,
+            client_key: None,
+            compression: None,
             service_name: None,
             queue_size: default_queue(),
+            console: false,
         }
     }
 }

@@ -3,10 +3,11 @@
 //! stddev), a lock pile-up every 30 s (a transaction holds a row while two sessions queue
 //! behind it), an index build about every minute, and one invalid index left by a failed
 //! `CREATE UNIQUE INDEX CONCURRENTLY`. Each session is a `psql` child of a thread; the
-//! threads stop when the [`Workload`] is dropped.
+//! threads stop when the [`Workload`] is dropped, killing the `psql` they are waiting for
+//! (their own child, by its handle) rather than waiting out a 12 s lock hold.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -72,6 +73,22 @@ fn psql(psql: &Path, dsn: &str, sql: &str) -> Option<std::process::Child> {
     cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()
 }
 
+/// Waits for our own child `c`; kills it (by its handle) when the demo stops, so that
+/// Ctrl-C does not wait for a slow execution.
+pub(super) fn wait_or_kill(c: &mut Child, stop: &AtomicBool) {
+    loop {
+        match c.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if stop.load(Ordering::Relaxed) => {
+                let _ = c.kill();
+                let _ = c.wait();
+                return;
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// Sleeps `secs` in short steps; false when the demo is stopping.
 fn pause(stop: &AtomicBool, secs: f64) -> bool {
     let mut left = secs;
@@ -99,7 +116,7 @@ fn queries(bin: &Path, dsn: &str, stop: &AtomicBool) {
             id = round % 10_000 + 1
         );
         if let Some(mut c) = psql(bin, dsn, &sql) {
-            let _ = c.wait();
+            wait_or_kill(&mut c, stop);
         }
         if !pause(stop, 0.5) {
             return;
@@ -120,7 +137,7 @@ fn pile_up(bin: &Path, dsn: &str, stop: &AtomicBool) {
             .filter_map(|_| psql(bin, dsn, "UPDATE orders SET total = total WHERE id = 1"))
             .collect();
         for mut c in holder.into_iter().chain(waiters) {
-            let _ = c.wait();
+            wait_or_kill(&mut c, stop);
         }
     }
 }
@@ -137,7 +154,7 @@ fn index_builds(bin: &Path, dsn: &str, stop: &AtomicBool) {
              CREATE INDEX CONCURRENTLY events_payload_idx ON events \
              (md5(payload) COLLATE \"en-x-icu\", md5(id::text));; DROP INDEX IF EXISTS events_payload_idx",
         ) {
-            let _ = c.wait();
+            wait_or_kill(&mut c, stop);
         }
     }
 }

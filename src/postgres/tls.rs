@@ -274,7 +274,7 @@ impl TlsSettings {
         }
         if let Some(client) = &self.client_cert {
             let certs = read_certs("sslcert", &client.cert)?;
-            let key = read_key(&client.key)?;
+            let key = read_key("sslkey", &client.key)?;
             rustls::sign::CertifiedKey::from_der(certs, key, &provider())
                 .map_err(|e| err("sslkey", format!("{}: {e}", quoted(&client.key))))?;
         }
@@ -340,7 +340,7 @@ pub fn connector(settings: &TlsSettings) -> Result<MakeRustlsConnect, TlsConfigE
     let config = match &settings.client_cert {
         Some(client) if settings.mode != SslMode::Disable => {
             let certs = read_certs("sslcert", &client.cert)?;
-            let key = read_key(&client.key)?;
+            let key = read_key("sslkey", &client.key)?;
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| err("sslkey", format!("{}: {e}", quoted(&client.key))))?
@@ -397,8 +397,9 @@ fn read_file(param: &'static str, path: &Path) -> Result<Vec<u8>, TlsConfigError
     std::fs::read(path).map_err(|e| err(param, format!("cannot read {}: {e}", quoted(path))))
 }
 
-/// Every `CERTIFICATE` block of a PEM file; at least one.
-fn read_certs(
+/// Every `CERTIFICATE` block of a PEM file; at least one. `param` names the setting in
+/// errors (also used for the OTLP exporter's certificates).
+pub(crate) fn read_certs(
     param: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
@@ -419,8 +420,11 @@ fn read_certs(
 }
 
 /// The first private key of a PEM file (encrypted keys are not supported).
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
-    let pem = read_file("sslkey", path)?;
+pub(crate) fn read_key(
+    param: &'static str,
+    path: &Path,
+) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
+    let pem = read_file(param, path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         let why = match e {
             rustls::pki_types::pem::Error::NoItemsFound => {
@@ -428,7 +432,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
             }
             e => format!("not valid PEM: {e}"),
         };
-        err("sslkey", format!("{}: {why}", quoted(path)))
+        err(param, format!("{}: {why}", quoted(path)))
     })
 }
 
@@ -452,9 +456,22 @@ fn root_store(root: Option<&RootCerts>) -> Result<Arc<RootCertStore>, TlsConfigE
     }
 }
 
-/// The OS trust store, read once per process: it is large and changes with package
-/// updates, not with pgvigil's config.
 fn system_roots() -> Result<Arc<RootCertStore>, TlsConfigError> {
+    system_store().map_err(|why| {
+        err(
+            "sslrootcert",
+            format!(
+                "no sslrootcert given and the system trust store has no certificates{why}; \
+                 set sslrootcert to the CA file, or install ca-certificates"
+            ),
+        )
+    })
+}
+
+/// The OS trust store, read once per process: it is large and changes with package
+/// updates, not with pgvigil's config. The error is why it is empty (` (reason)` or "").
+/// Shared with the OTLP exporter.
+pub(crate) fn system_store() -> Result<Arc<RootCertStore>, String> {
     static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
     ROOTS
         .get_or_init(|| {
@@ -462,21 +479,16 @@ fn system_roots() -> Result<Arc<RootCertStore>, TlsConfigError> {
             let mut store = RootCertStore::empty();
             store.add_parsable_certificates(found.certs);
             if store.is_empty() {
-                let why = found
+                Err(found
                     .errors
                     .first()
                     .map(|e| format!(" ({e})"))
-                    .unwrap_or_default();
-                Err(format!(
-                    "no sslrootcert given and the system trust store has no certificates{why}; \
-                     set sslrootcert to the CA file, or install ca-certificates"
-                ))
+                    .unwrap_or_default())
             } else {
                 Ok(Arc::new(store))
             }
         })
         .clone()
-        .map_err(|e| err("sslrootcert", e))
 }
 
 /// `prefer`/`require` without roots: encryption without authentication of the server, as

@@ -80,10 +80,9 @@ pub fn endpoint(
             }
         },
     };
-    Ok(Some(export::Endpoint {
-        url: cfg.otlp_endpoint.clone(),
-        protocol,
-    }))
+    export::Endpoint::resolve(cfg, protocol, env)
+        .map(Some)
+        .map_err(TraceError)
 }
 
 /// The name under which the sampler's health and snapshot are kept: the collector of
@@ -95,7 +94,8 @@ pub const COLLECTOR: &str = "activity";
 /// target's sampler (and exporter), so a reload can keep the samplers of unchanged targets
 /// running.
 pub struct Plan {
-    endpoint: Option<export::Endpoint>,
+    /// Where spans go; `None` = tracing off.
+    sink: Option<export::Sink>,
     service: String,
     cfg: TracingConfig,
     collectors: CollectorDefaults,
@@ -105,15 +105,20 @@ pub struct Plan {
 }
 
 /// The sampler's plan, or `None` when it has nothing to feed: neither DB load (the
-/// `activity` collector disabled) nor spans (no OTLP endpoint). Its query is bounded
-/// like a collector's (see [`sample_timeout`]).
+/// `activity` collector disabled) nor spans (no OTLP endpoint, and no console sink asked
+/// for by `tracing.console`). Its query is bounded like a collector's (see
+/// [`sample_timeout`]).
 pub fn plan(
     config: &Config,
     catalog: &Catalog,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<Plan>, TraceError> {
     let cfg = &config.tracing;
-    let endpoint = endpoint(cfg, env)?;
+    let sink = match endpoint(cfg, env)? {
+        Some(e) => Some(export::Sink::Otlp(e)),
+        None if cfg.console => Some(export::Sink::Console),
+        None => None,
+    };
     let def = catalog
         .collectors
         .iter()
@@ -124,7 +129,7 @@ pub fn plan(
         .collectors
         .iter()
         .any(|c| c.run_by == RunBy::ActivitySampler);
-    if endpoint.is_none() && !load_on {
+    if sink.is_none() && !load_on {
         return Ok(None);
     }
     let Some(def) = def else {
@@ -138,7 +143,7 @@ pub fn plan(
         .or_else(|| env("OTEL_SERVICE_NAME"))
         .unwrap_or_else(|| "pgvigil".to_string());
     Ok(Some(Plan {
-        endpoint,
+        sink,
         service,
         cfg: cfg.clone(),
         collectors: config.collectors.defaults,
@@ -160,18 +165,33 @@ impl Plan {
             "activity sampler every {:?} per target (DB load {load})",
             self.every
         );
-        if let Some(endpoint) = &self.endpoint {
-            text.push_str(&format!(
-                "; tracing: slow-query spans (>= {}) to {} over {:?}",
+        match &self.sink {
+            Some(export::Sink::Otlp(endpoint)) => text.push_str(&format!(
+                "; tracing: slow-query spans (>= {}) to {} over {:?} ({})",
                 self.cfg.slow_query_threshold,
                 endpoint
                     .url
                     .as_deref()
                     .unwrap_or("the OTEL_EXPORTER_OTLP_* endpoint"),
-                endpoint.protocol
-            ));
+                endpoint.protocol,
+                endpoint.describe_transport()
+            )),
+            Some(export::Sink::Console) => text.push_str(&format!(
+                "; tracing: slow-query spans (>= {}) printed on stderr (no OTLP endpoint)",
+                self.cfg.slow_query_threshold
+            )),
+            None => {}
         }
         text
+    }
+
+    /// What, beyond the config, a running exporter depends on: the contents of its
+    /// certificate files. A reload restarts the sampler when it changes.
+    pub fn files_key(&self) -> String {
+        match &self.sink {
+            Some(export::Sink::Otlp(e)) => format!("{:x}", e.fingerprint()),
+            _ => String::new(),
+        }
     }
 
     /// Starts a sampler (and, with tracing on, an exporter) for `t`; they stop when
@@ -185,8 +205,14 @@ impl Plan {
         let cfg = &self.cfg;
         let every = self.every;
         let mut handles = Vec::new();
-        let queue = match &self.endpoint {
-            Some(endpoint) => {
+        let queue = match &self.sink {
+            Some(export::Sink::Console) => {
+                let (queue, drain) =
+                    export::start_console(cfg.queue_size, Arc::clone(store), t.name.clone());
+                handles.push(drain);
+                Some(queue)
+            }
+            Some(export::Sink::Otlp(endpoint)) => {
                 // Resource::builder() applies OTEL_RESOURCE_ATTRIBUTES; the target is added.
                 let resource = Resource::builder()
                     .with_service_name(self.service.clone())

@@ -189,6 +189,22 @@ mod tests {
     }
 
     #[test]
+    fn console_line_is_trace_id_duration_and_masked_query() {
+        let q = "UPDATE orders\n   SET total = 5 WHERE id = 7 /*traceparent='00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'*/";
+        let s = build(&ended(q, "web"), &server()).unwrap();
+        let line = crate::trace::export::console_line("db1", &s);
+        assert_eq!(
+            line,
+            "span 4bf92f3577b34da6a3ce929d0e0e4736 1.250s db1/shop: UPDATE orders SET total = ? WHERE id = ?"
+        );
+        let long = format!("SELECT {}1", "a + ".repeat(100));
+        let s = build(&ended(&long, ""), &server()).unwrap();
+        let line = crate::trace::export::console_line("db1", &s);
+        assert!(line.ends_with('…'), "{line}");
+        assert!(line.chars().count() < 200, "{line}");
+    }
+
+    #[test]
     fn span_with_parent_from_comment() {
         let q = "UPDATE orders SET total = 5 WHERE id = 7 /*traceparent='00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'*/";
         let s = build(&ended(q, "web"), &server()).unwrap();

@@ -33,6 +33,14 @@ pub fn command() -> Command {
         "PGDATABASE",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
     ] {
         cmd.env_remove(var);
     }
@@ -58,6 +66,16 @@ impl Pgvigil {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Pgvigil::start_within(args, env, START_TIMEOUT)
+    }
+
+    /// [`Pgvigil::start`] for commands that take longer to listen (`pgvigil demo` first
+    /// creates its servers): waits up to `timeout`.
+    pub fn start_within<I, S>(args: I, env: &[(&str, &str)], timeout: Duration) -> Pgvigil
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut cmd = command();
         cmd.args(args)
             .envs(env.iter().copied())
@@ -76,7 +94,7 @@ impl Pgvigil {
             stderr,
             reader,
         };
-        let line = started.wait_for_log("listening on http", START_TIMEOUT);
+        let line = started.wait_for_log("listening on http", timeout);
         started.addr = listen_addr(&line)
             .unwrap_or_else(|| panic!("no address in the listening line: {line}"));
         started

@@ -4,12 +4,14 @@
 //! - this file: the cluster, pgvigil in-process ([`start`]) or polled by hand
 //!   ([`ManualPoller`]), scraping and parsing `/metrics`, client sessions;
 //! - [`binary`]: the real `pgvigil` binary as a child process, killed on drop;
-//! - [`otlp`]: a real OTLP gRPC trace receiver;
+//! - [`otlp`]: real OTLP trace receivers (gRPC, HTTP/protobuf; plain or TLS);
+//! - [`pki`]: throwaway CA and certificates (the `openssl` CLI);
 //! - [`prometheus`]: a real Prometheus server, and `promtool check metrics`.
 #![allow(dead_code)]
 
 pub mod binary;
 pub mod otlp;
+pub mod pki;
 pub mod prometheus;
 
 use std::collections::BTreeMap;

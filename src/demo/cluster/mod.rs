@@ -212,6 +212,10 @@ pub struct ClusterOptions {
     /// Extensions created (`CREATE EXTENSION IF NOT EXISTS`) in database
     /// `postgres` right after start.
     pub extensions: Vec<String>,
+    /// WAL segment size in MiB (`initdb --wal-segsize`, a power of 2 from 1 to 1024);
+    /// `None` => initdb's default (16). Small segments keep a demo that switches WAL
+    /// often (archiving, slots) from filling the disk.
+    pub wal_segment_mb: Option<u32>,
 }
 
 impl Default for ClusterOptions {
@@ -220,6 +224,7 @@ impl Default for ClusterOptions {
             bindir: None,
             settings: Vec::new(),
             extensions: vec!["pg_stat_statements".to_owned()],
+            wal_segment_mb: None,
         }
     }
 }
@@ -234,6 +239,12 @@ impl ClusterOptions {
     /// Builder helper: add one `postgresql.conf` setting.
     pub fn with_setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Builder helper: `initdb --wal-segsize=MB`.
+    pub fn with_wal_segment_mb(mut self, mb: u32) -> Self {
+        self.wal_segment_mb = Some(mb);
         self
     }
 
@@ -338,6 +349,9 @@ impl TempCluster {
             .arg(&cluster.data_dir)
             .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C"])
             .arg("--no-sync");
+        if let Some(mb) = opts.wal_segment_mb {
+            initdb.arg(format!("--wal-segsize={mb}"));
+        }
         run_checked(&mut initdb)?;
 
         cluster.major_version = cluster.detect_major_version()?;
