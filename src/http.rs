@@ -71,6 +71,56 @@ impl Server {
         body
     }
 
+    /// `/probe?target=NAME`: only that target's series, with its own `pg_up` and
+    /// self-metrics (samples whose `target` label is NAME), for a Prometheus job per
+    /// target. Encoded per request: one target's series are few.
+    fn probe(&self, query: Option<&str>, format: Format) -> Response<Full<Bytes>> {
+        let target = query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "target")
+            .map(|(_, v)| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            });
+        let Some(target) = target.filter(|t| !t.is_empty()) else {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "missing ?target=NAME (a target name from the configuration)\n",
+            );
+        };
+        let store = self.store();
+        if !store.has_target(&target) {
+            let mut r = Response::new(Full::new(Bytes::from(format!(
+                "unknown target {target:?}: /probe?target= takes the name of a configured target\n"
+            ))));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            return r;
+        }
+        let mut own = crate::health::self_metrics(store);
+        for f in &mut own {
+            f.samples.retain(|s| {
+                s.labels
+                    .iter()
+                    .any(|(k, v)| &**k == "target" && *v == target)
+            });
+        }
+        own.retain(|f| !f.samples.is_empty());
+        let body = exposition::encode(store.snapshots_of(&target), own, format);
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(format.content_type()),
+        );
+        resp
+    }
+
     fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
@@ -85,6 +135,10 @@ impl Server {
                     HeaderValue::from_static(format.content_type()),
                 );
                 resp
+            }
+            "/probe" => {
+                let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+                self.probe(req.uri().query(), Format::from_accept(accept))
             }
             "/healthz" => plain(StatusCode::OK, "ok\n"),
             "/readyz" => {

@@ -211,6 +211,21 @@ impl Store {
         s.values().cloned().collect()
     }
 
+    /// The current snapshots of one target (for `/probe?target=`).
+    pub fn snapshots_of(&self, target: &str) -> Vec<Arc<Snapshot>> {
+        let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
+        s.iter()
+            .filter(|((t, _, _), _)| t == target)
+            .map(|(_, v)| Arc::clone(v))
+            .collect()
+    }
+
+    /// Whether `target` is configured (registered), polled yet or not.
+    pub fn has_target(&self, target: &str) -> bool {
+        let t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        t.contains_key(target)
+    }
+
     /// Series per (target, collector), all databases together (`pgvigil_collector_series`).
     pub fn series_counts(&self) -> BTreeMap<(String, String), usize> {
         let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
