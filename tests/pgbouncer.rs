@@ -239,6 +239,16 @@ fn bouncer_restart_turns_its_pg_up_and_leaves_postgres_alone() {
     )
     .is_empty());
 
+    // /probe?target= serves the PgBouncer target alone, like any target.
+    let (status, probe) = get(&run.url(&format!("/probe?target={BOUNCER}")));
+    assert_eq!(status, 200, "{probe}");
+    let p = parse(&probe);
+    assert_eq!(value(&p, "pg_up", &[("target", BOUNCER)]), Some(1.0));
+    assert!(!find(&p, "pgbouncer_pools_client_active_connections", &[]).is_empty());
+    assert!(p
+        .iter()
+        .all(|s| s.labels.get("target").is_none_or(|t| t == BOUNCER)));
+
     bouncer.stop().unwrap();
     let down_at = wait_for(&run, Duration::from_secs(30), "bouncer down", |s| {
         (value(s, "pg_up", &[("target", BOUNCER)]) == Some(0.0))
