@@ -57,6 +57,7 @@ pub mod health;
 pub mod http;
 pub mod metric;
 pub mod postgres;
+pub mod probe;
 pub mod reload;
 pub mod sql;
 pub mod store;
@@ -175,6 +176,11 @@ pub async fn run(
     );
     on_listen(addr);
     let server = http::Server::new(Arc::clone(&store));
+    let registry = server.registry();
+    registry.set_modules(config.auth_modules.clone());
+    // The configuration in force (without the targets /probe registered) and its packs.
+    let mut current = (config.clone(), catalog);
+    let mut expiry = tokio::time::interval(std::time::Duration::from_secs(5));
     let (http_stop, http_stop_rx) = watch::channel(false);
     let serving = tokio::spawn(http::serve_secured(
         listener,
@@ -188,10 +194,34 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = registry.changed() => {
+                let (base, catalog) = &current;
+                if let Err(e) = running.apply(&with_probed(base, &registry), catalog).await {
+                    tracing::error!("cannot start a target registered by /probe: {e}");
+                }
+            }
+            _ = expiry.tick() => {
+                if registry.expire(current.0.probe.forget_after.0) {
+                    let (base, catalog) = &current;
+                    if let Err(e) = running.apply(&with_probed(base, &registry), catalog).await {
+                        tracing::error!("cannot drop a target registered by /probe: {e}");
+                    }
+                }
+            }
             _ = next_hangup(&mut hup) => {
                 let Some(reload) = &reload else { continue };
                 let applied = match reread(reload, config.listen) {
-                    Ok((next, catalog)) => running.apply(&next, &catalog).await.map_err(|e| e.to_string()),
+                    Ok((next, catalog)) => {
+                        let r = running
+                            .apply(&with_probed(&next, &registry), &catalog)
+                            .await
+                            .map_err(|e| e.to_string());
+                        if r.is_ok() {
+                            registry.set_modules(next.auth_modules.clone());
+                            current = (next, catalog);
+                        }
+                        r
+                    }
                     Err(e) => Err(e),
                 };
                 match applied {
@@ -212,6 +242,18 @@ pub async fn run(
     let _ = serving.await;
     running.stop().await;
     Ok(())
+}
+
+/// `config` plus the targets `/probe` registered (those whose name the configuration does not
+/// already use).
+fn with_probed(config: &Config, registry: &probe::Registry) -> Config {
+    let mut c = config.clone();
+    for t in registry.targets() {
+        if !c.targets.iter().any(|o| o.name == t.name) {
+            c.targets.push(t);
+        }
+    }
+    c
 }
 
 /// The configuration and packs as they are now on disk, checked; nothing applied yet.

@@ -62,6 +62,12 @@ pub struct Config {
     /// HTTPS and basic auth for the listener, in exporter-toolkit's `web.yml` format.
     #[serde(default)]
     pub web_config_file: Option<PathBuf>,
+    /// Credentials for targets registered by `/probe?target=…&auth_module=NAME`.
+    #[serde(default)]
+    pub auth_modules: BTreeMap<String, crate::probe::AuthModule>,
+    /// How long a target registered by `/probe` lives without being probed.
+    #[serde(default)]
+    pub probe: crate::probe::ProbeConfig,
 }
 
 /// The `activity:` section: the per-target `pg_stat_activity` sampler, which feeds
@@ -257,6 +263,8 @@ impl Default for Config {
             activity: ActivityConfig::default(),
             tracing: TracingConfig::default(),
             web_config_file: None,
+            auth_modules: BTreeMap::new(),
+            probe: Default::default(),
         }
     }
 }
