@@ -11,7 +11,7 @@
 //!                                    store ──► exposition (+ health) ──► http (/metrics)
 //!
 //! trace sampler ──(postgres::slot)──► pg_stat_activity ─┬─► trace::load (DB load) ──► store
-//!                                                        └─► trace spans ──► OTLP
+//!                                                        └─► trace spans ──(trace::explain)──► OTLP
 //! ```
 //!
 //! - [`config`]: the YAML config file, environment overrides, file:line errors.
@@ -40,7 +40,9 @@
 //!   running the query of the `activity` collector in `queries/dbload.yaml`, which the
 //!   poller skips), DB load (`trace::load`: the sampler's rows → the pack's
 //!   `pg_activity_active_seconds_total`, stored like a collector's snapshot), traceparent
-//!   parsing, slow-query spans, OTLP export (or the console, for the demo).
+//!   parsing, slow-query spans, their generic plans (`trace::explain`, opt-in), OTLP
+//!   export (or the console, for the demo); pgvigil's own poll and collector spans
+//!   (`trace::selfspans`, opt-in).
 //! - [`metric`]: the metric model every stage passes on (type, family, sample).
 //! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
 //! - [`yaml`]: YAML → typed values with file, line and field in every error.
@@ -66,6 +68,7 @@ pub mod web;
 pub mod yaml;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -129,6 +132,12 @@ pub fn pollers(
     Ok((store, pollers))
 }
 
+/// How long stopping may take after the shutdown signal, before the cancel requests of
+/// aborted queries (≤ 1 s) and the runtime's own shutdown (≤ 1 s, `main.rs`): together the
+/// process exits within 5 s of SIGTERM or SIGINT, however slow a target or the OTLP
+/// receiver.
+pub const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Reads the configuration again (for `SIGHUP`): file, environment and CLI overrides.
 pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send>;
 
@@ -167,6 +176,9 @@ pub async fn run(
     let store = Store::new();
     let mut running = reload::Running::new(Arc::clone(&store));
     running.apply(&config, &catalog).await?;
+    if config.tracing.self_spans {
+        start_self_spans(&config)?;
+    }
     store.record_reload(true, std::time::SystemTime::now());
     tracing::info!(
         "pgvigil {} listening on {scheme}://{addr}/metrics ({} targets, {} collectors)",
@@ -239,8 +251,20 @@ pub async fn run(
     }
     tracing::info!("shutting down");
     let _ = http_stop.send(true);
-    let _ = serving.await;
-    running.stop().await;
+    let stopping = async {
+        let _ = serving.await;
+        // Aborts the polls in flight (their queries are cancelled on the server), then
+        // flushes the spans (at most 3 s: an unreachable receiver does not hold us).
+        running.stop().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_LIMIT, stopping)
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown: gave up waiting after {SHUTDOWN_LIMIT:?}");
+    }
+    postgres::slot::finish_cancels(Duration::from_secs(1)).await;
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -254,6 +278,33 @@ fn with_probed(config: &Config, registry: &probe::Registry) -> Config {
         }
     }
     c
+}
+
+/// `tracing.self`: sends pgvigil's own spans to the tracing endpoint, when the binary
+/// installed their layer at start (see `trace::selfspans`).
+fn start_self_spans(config: &Config) -> Result<(), StartError> {
+    let Some(endpoint) = trace::endpoint(&config.tracing, &process_env)? else {
+        tracing::warn!(
+            "tracing.self is on but no OTLP endpoint is set: pgvigil's own spans are not sent"
+        );
+        return Ok(());
+    };
+    let service = config
+        .tracing
+        .service_name
+        .clone()
+        .or_else(|| process_env("OTEL_SERVICE_NAME"))
+        .unwrap_or_else(|| "pgvigil".to_string());
+    match trace::selfspans::export(&endpoint, &service) {
+        Ok(true) => tracing::info!(
+            "tracing.self: pgvigil's poll and collector spans go to the tracing endpoint"
+        ),
+        Ok(false) => tracing::warn!(
+            "tracing.self: no span layer was installed at start (turning it on takes a restart)"
+        ),
+        Err(e) => tracing::warn!("tracing.self: {e}"),
+    }
+    Ok(())
 }
 
 /// The configuration and packs as they are now on disk, checked; nothing applied yet.

@@ -84,6 +84,17 @@ pub struct TargetHealth {
     pub collectors: BTreeMap<String, CollectorHealth>,
     /// Slow-query spans, when tracing is on: exported, and dropped by reason.
     pub spans: Option<SpanCounts>,
+    /// Plans of slow spans, when `tracing.explain` is on.
+    pub explain: Option<ExplainCounts>,
+}
+
+/// EXPLAIN counters of a target (`tracing.explain`).
+#[derive(Debug, Clone, Default)]
+pub struct ExplainCounts {
+    /// EXPLAINs run (whatever their outcome).
+    pub run: u64,
+    /// Spans left without a plan, by reason.
+    pub skipped: BTreeMap<&'static str, u64>,
 }
 
 /// Span counters of a target.
@@ -276,6 +287,29 @@ impl Store {
             match reason {
                 None => counts.exported += n,
                 Some(r) => *counts.dropped.entry(r).or_insert(0) += n,
+            }
+        });
+    }
+
+    /// Turns on the EXPLAIN counters of a target, every skip reason at 0.
+    pub fn enable_explain(&self, target: &str, reasons: &[&'static str]) {
+        self.update_target(target, |h| {
+            let counts = h.explain.get_or_insert_with(ExplainCounts::default);
+            for r in reasons {
+                counts.skipped.entry(r).or_insert(0);
+            }
+        });
+    }
+
+    /// Counts an EXPLAIN run (`ran`) and, when the span got no plan, the reason.
+    pub fn count_explain(&self, target: &str, ran: bool, skipped: Option<&'static str>) {
+        self.update_target(target, |h| {
+            let counts = h.explain.get_or_insert_with(ExplainCounts::default);
+            if ran {
+                counts.run += 1;
+            }
+            if let Some(r) = skipped {
+                *counts.skipped.entry(r).or_insert(0) += 1;
             }
         });
     }

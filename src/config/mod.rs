@@ -140,6 +140,30 @@ pub struct TracingConfig {
     /// tracing off. Not a config file key: `pgvigil demo` sets it.
     #[serde(skip)]
     pub console: bool,
+    /// `generic`: attach the generic plan (`EXPLAIN (GENERIC_PLAN, FORMAT JSON)`,
+    /// PostgreSQL 16+) of a slow span's query, read-only, time-limited, at most once per
+    /// query per hour; default `off` (README, "Plans on slow spans").
+    #[serde(default)]
+    pub explain: ExplainMode,
+    /// At most this many EXPLAINs per minute, all targets together (`tracing.explain`).
+    #[serde(default = "default_explain_per_minute")]
+    pub explain_per_minute: u32,
+    /// `true`: pgvigil's own work (poll cycles, collector queries) as spans to the same
+    /// OTLP endpoint, through `tracing-opentelemetry`; default `false`. Read at start
+    /// only: changing it takes a restart.
+    #[serde(default, rename = "self")]
+    pub self_spans: bool,
+}
+
+/// `tracing.explain`: whether slow spans get the query's plan.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum ExplainMode {
+    #[default]
+    #[serde(rename = "off")]
+    Off,
+    /// `EXPLAIN (GENERIC_PLAN)`: the plan without parameter values, never executed.
+    #[serde(rename = "generic")]
+    Generic,
 }
 
 /// OTLP transport.
@@ -177,6 +201,9 @@ fn default_slow() -> Interval {
 fn default_queue() -> usize {
     2048
 }
+fn default_explain_per_minute() -> u32 {
+    30
+}
 
 impl Default for TracingConfig {
     fn default() -> Self {
@@ -192,6 +219,9 @@ impl Default for TracingConfig {
             service_name: None,
             queue_size: default_queue(),
             console: false,
+            explain: ExplainMode::Off,
+            explain_per_minute: default_explain_per_minute(),
+            self_spans: false,
         }
     }
 }
@@ -749,6 +779,23 @@ mod tests {
         let e = parse("targets:\n  - name: a\n    dsn: host=a\n  - name: a\n    dsn: host=b\n")
             .unwrap_err();
         assert!(e.contains("duplicate target name"), "{e}");
+    }
+
+    #[test]
+    fn explain_and_self_spans_are_opt_in() {
+        let c = parse("tracing:\n  otlp_endpoint: http://127.0.0.1:4317\n").unwrap();
+        assert_eq!(c.tracing.explain, ExplainMode::Off);
+        assert!(!c.tracing.self_spans);
+        assert_eq!(c.tracing.explain_per_minute, 30);
+        let c =
+            parse("tracing:\n  explain: generic\n  explain_per_minute: 5\n  self: true\n").unwrap();
+        assert_eq!(c.tracing.explain, ExplainMode::Generic);
+        assert_eq!(c.tracing.explain_per_minute, 5);
+        assert!(c.tracing.self_spans);
+        let e = parse("tracing:\n  explain: analyze\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("analyze"), "{e}");
     }
 
     #[test]
