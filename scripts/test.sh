@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need (PostgreSQL server binaries,
-# prometheus and promtool) if missing, then runs rustfmt, clippy, the alert rule tests and
+# PgBouncer, prometheus and promtool) if missing, then runs rustfmt, clippy, the alert rule tests and
 # the whole test suite.
 # Runs on a fresh Debian 12 machine with Rust, as root or with sudo.
 set -euo pipefail
@@ -36,6 +36,16 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
     echo "PostgreSQL server binaries not found; installing the postgresql package"
     apt_install postgresql
 fi
+# PgBouncer for tests/pgbouncer.rs (and the PgBouncer target of tests/alerts_e2e.rs). The
+# tests run their own; the packaged service is not started (no init system in CI), and is
+# stopped if the package started one.
+if [ ! -x /usr/sbin/pgbouncer ] && ! command -v pgbouncer >/dev/null 2>&1; then
+    echo "pgbouncer not found; installing the pgbouncer package"
+    apt_install pgbouncer
+    if [ -f /var/run/postgresql/pgbouncer.pid ]; then
+        "${SUDO[@]}" kill -TERM "$(cat /var/run/postgresql/pgbouncer.pid)" 2>/dev/null || true
+    fi
+fi
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
     echo "prometheus/promtool not found; installing the prometheus package"
     apt_install prometheus
@@ -57,6 +67,7 @@ PGVIGIL_TEST_PG_BINDIRS=$(scripts/fetch-pg.sh | paste -sd: -)
 export PGVIGIL_TEST_PG_BINDIRS
 echo "version matrix: $PGVIGIL_TEST_PG_BINDIRS"
 echo "prometheus: $(command -v prometheus), promtool: $(command -v promtool)"
+echo "pgbouncer: $(/usr/sbin/pgbouncer --version 2>/dev/null | head -1 || command -v pgbouncer)"
 
 step "hadolint Dockerfile"
 if ! command -v hadolint >/dev/null 2>&1; then

@@ -4,7 +4,7 @@
 //! The modules follow the data flow of the product (DESIGN.md §2), top to bottom:
 //!
 //! ```text
-//! config ──► collector::pack ──► collector::poller ──(postgres::slot)──► PostgreSQL
+//! config ──► collector::pack ──► collector::poller ──(postgres::slot)──► PostgreSQL / PgBouncer
 //!                                      │ rows → collector::steps (computed columns)
 //!                                      │      → collector::rows (families, as the pack declares)
 //!                                      ▼
@@ -26,7 +26,8 @@
 //!   [`collector::table::Table`]; rows → families (`rows`).
 //! - [`postgres`]: DSNs and TLS, sessions (`postgres::slot`: pgvigil's session settings,
 //!   one query at a time with its own timeouts, reconnect with backoff — for collectors and
-//!   the activity sampler alike), server facts, row values → numbers and labels.
+//!   the activity sampler alike; a PgBouncer console flavour: no settings, simple query
+//!   protocol), server facts, row values (typed or text) → numbers and labels.
 //! - [`reload`]: what runs per target (poller, activity sampler) and what a `SIGHUP`
 //!   changes: unchanged targets keep running, changed ones are replaced in place.
 //! - [`store`]: the latest snapshot per target × collector × database, and target health;
@@ -46,8 +47,9 @@
 //! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
 //! - [`yaml`]: YAML → typed values with file, line and field in every error.
 //! - [`demo`]: `pgvigil demo` ([`demo::run`]): a throwaway local PostgreSQL and a standby
-//!   ([`demo::cluster`], which the integration tests use too) with a small workload and a
-//!   timeline of outages (`demo::timeline`, one schedule table).
+//!   ([`demo::cluster`], which the integration tests use too, with a throwaway PgBouncer in
+//!   front of a cluster when they need one) with a small workload and a timeline of
+//!   outages (`demo::timeline`, one schedule table).
 
 pub mod collector;
 pub mod config;

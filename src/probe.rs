@@ -107,6 +107,8 @@ pub fn target_config(target: &str, module: &AuthModule) -> Result<TargetConfig, 
     let dsn = Dsn::from_str(&dsn).map_err(|e| format!("target {target:?}: {e}"))?;
     Ok(TargetConfig {
         name: target.to_string(),
+        // postgres_exporter's multi-target format addresses PostgreSQL servers.
+        kind: Default::default(),
         dsn,
         password_file: module.userpass.password_file.clone(),
         labels: BTreeMap::new(),

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::collector::pack::{Catalog, CollectorDef};
 use crate::collector::poller::TargetPoller;
-use crate::config::{Config, Target};
+use crate::config::{Config, Target, TargetKind};
 use crate::store::Store;
 use crate::{process_env, trace, StartError};
 
@@ -51,7 +51,8 @@ impl TargetSpec {
         let defaults = config.collectors.defaults;
         TargetSpec {
             base: format!(
-                "{:?} {:?} password#{:x} {:?} {:?} {:?} {:?}",
+                "{} {:?} {:?} password#{:x} {:?} {:?} {:?} {:?}",
+                target.kind,
                 target.pg.0,
                 target.pg.1,
                 password.finish(),
@@ -61,8 +62,11 @@ impl TargetSpec {
                 config.tables
             ),
             defaults: format!("{defaults:?}"),
+            // The poller runs only the packs of the target's kind: the others' changes
+            // do not concern it.
             collectors: collectors
                 .iter()
+                .filter(|c| c.kind == target.kind)
                 .map(|c| {
                     let every = c.interval.unwrap_or(defaults.interval);
                     let timeout = c.timeout.unwrap_or(defaults.timeout);
@@ -278,7 +282,11 @@ impl Running {
                     }
                 }
             };
-            let key = tracing.as_ref().map(|plan| {
+            // PgBouncer's console has no pg_stat_activity: no sampler there.
+            let sampled = tracing
+                .as_ref()
+                .filter(|_| target.kind == TargetKind::Postgres);
+            let key = sampled.map(|plan| {
                 // Everything the sampler depends on: connection and labels, tracing (and
                 // the contents of its certificate files), the activity section and the
                 // collector whose query it runs.
@@ -408,6 +416,27 @@ mod tests {
                 inherit: HashSet::new()
             }
         );
+    }
+
+    #[test]
+    fn a_kind_change_replaces_the_target_and_other_kinds_packs_do_not_concern_it() {
+        let bouncer = two("a").replace("{name: t2,", "{name: t2, kind: pgbouncer,");
+        let (a, b) = (specs(&two("a")), specs(&bouncer));
+        assert!(matches!(
+            change(Some(&a["t2"]), &b["t2"]),
+            Change::Replace { .. }
+        ));
+        assert!(b["t2"]
+            .collectors
+            .keys()
+            .all(|c| c.starts_with("pgbouncer_")));
+        assert!(!a["t1"]
+            .collectors
+            .keys()
+            .any(|c| c.starts_with("pgbouncer_")));
+        // Disabling a PostgreSQL collector leaves the PgBouncer target as it runs.
+        let c = specs(&format!("{bouncer}collectors:\n  disable: [locks]\n"));
+        assert_eq!(change(Some(&b["t2"]), &c["t2"]), Change::Keep);
     }
 
     #[test]

@@ -64,7 +64,7 @@ fn exportable_metrics() -> BTreeSet<String> {
     names
 }
 
-/// The `pg_*` and `pgvigil_*` identifiers of a PromQL expression outside string literals.
+/// The `pg_*`, `pgbouncer_*` and `pgvigil_*` identifiers of a PromQL expression outside string literals.
 fn metric_names(expr: &str) -> Vec<String> {
     let mut code = String::with_capacity(expr.len());
     let mut quote: Option<char> = None;
@@ -82,7 +82,9 @@ fn metric_names(expr: &str) -> Vec<String> {
     let re = regex::Regex::new(r"[A-Za-z_:][A-Za-z0-9_:]*").expect("regex");
     re.find_iter(&code)
         .map(|m| m.as_str())
-        .filter(|m| m.starts_with("pg_") || m.starts_with("pgvigil_"))
+        .filter(|m| {
+            m.starts_with("pg_") || m.starts_with("pgvigil_") || m.starts_with("pgbouncer_")
+        })
         .map(str::to_owned)
         .collect()
 }
@@ -95,8 +97,10 @@ fn every_rule_is_an_alert_with_severity_and_annotations() {
         let name = str_of(r, "alert");
         assert!(!name.is_empty(), "a rule that is not an alert: {r:?}");
         assert!(
-            name.starts_with("Pgvigil") || name.starts_with("Postgres"),
-            "{name}: alert names start with Pgvigil (pgvigil itself) or Postgres"
+            name.starts_with("Pgvigil")
+                || name.starts_with("Postgres")
+                || name.starts_with("PgBouncer"),
+            "{name}: alert names start with Pgvigil (pgvigil itself), Postgres or PgBouncer"
         );
         let severity = str_of(&r["labels"], "severity");
         assert!(

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::prometheus::Prometheus;
 use common::*;
+use pgvigil::demo::cluster::{PgBouncerOptions, TempPgBouncer};
 
 /// The shipped rules, loaded whole so Prometheus checks every rule of the file.
 const RULES: &str = include_str!("../alerts/pgvigil.rules.yml");
@@ -213,7 +214,16 @@ fn archiving_alert_fires_and_resolves_and_every_dashboard_panel_evaluates() {
          CREATE POLICY own_rows ON guarded USING (owner = current_user);",
     )
     .unwrap();
-    let run = start(config(&one_target(&pg.dsn(), "")));
+    // A PgBouncer in front of it, for the PgBouncer panels (target b1).
+    let bouncer = TempPgBouncer::start(&pg, &PgBouncerOptions::default())
+        .unwrap_or_else(|e| panic!("start PgBouncer: {e}"));
+    let run = start(config(&format!(
+        "targets:\n  - name: t1\n    dsn: \"{}\"\n    labels: {{env: test}}\n  \
+         - name: b1\n    kind: pgbouncer\n    dsn: \"{}\"\n\
+         collectors:\n  defaults: {{interval: 1s, timeout: 5s}}\n",
+        pg.dsn(),
+        bouncer.dsn_for("pgvigil", "pgvigil-secret", "pgbouncer")
+    )));
     let rules = with_short_for(RULES, &[ARCHIVING_FAILING], SHORT_FOR);
     let prom = Prometheus::start_with_rules(run.addr, Some(&rules));
     let shipped = RULES.matches("- alert:").count();
@@ -268,7 +278,8 @@ fn archiving_alert_fires_and_resolves_and_every_dashboard_panel_evaluates() {
 
     // (2) A workload that gives the dashboards something to show, while the alert fires.
     let workload = Workload::start(&pg);
-    let (stop, statements) = workload_thread(&pg);
+    let (stop, statements) =
+        workload_thread(&pg, &bouncer.dsn_for("app", "app-secret", "postgres"));
     wait_for_panels(&prom);
     let during = evaluate_dashboards(&prom);
 
@@ -417,10 +428,11 @@ impl Workload {
 }
 
 /// A steady stream of statements (commits, a rollback, a sort spilling to a temp file)
-/// from psql, so rates and pg_stat_statements windows have data.
-fn workload_thread(pg: &TempCluster) -> (Stop, std::thread::JoinHandle<()>) {
+/// from psql, so rates and pg_stat_statements windows have data; every fourth one goes
+/// through PgBouncer (`via`), for its pools and stats.
+fn workload_thread(pg: &TempCluster, via: &str) -> (Stop, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
-    let (dsn, psql) = (pg.dsn(), pg.psql_program());
+    let (direct, via, psql) = (pg.dsn(), via.to_string(), pg.psql_program());
     let flag = stop.clone();
     let handle = std::thread::spawn(move || {
         let mut i = 0u64;
@@ -434,8 +446,9 @@ fn workload_thread(pg: &TempCluster) -> (Stop, std::thread::JoinHandle<()>) {
                 }
                 _ => "UPDATE t SET g = g WHERE g < 10",
             };
+            let dsn = if i % 4 == 0 { &via } else { &direct };
             let _ = Command::new(&psql)
-                .args(["-X", "-q", "-d", &dsn, "-c", sql])
+                .args(["-X", "-q", "-d", dsn.as_str(), "-c", sql])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();

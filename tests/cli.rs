@@ -440,3 +440,31 @@ fn once_exit_code_says_whether_the_poll_was_complete() {
     assert!(stdout.contains("pg_up{target="), "{stdout}");
     assert!(stdout.contains("} 1\n"), "{stdout}");
 }
+
+/// `check-config` shows each target's kind and which collectors run on PgBouncer targets;
+/// an unknown kind is an error at its line.
+#[test]
+fn check_config_shows_target_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, out) = check_config(
+        dir.path(),
+        "targets:\n  - name: db\n    dsn: host=db.example\n  - name: pool\n    kind: pgbouncer\n    dsn: postgresql://pgvigil@pool.example:6432/pgbouncer\n",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("  db (kind postgres): "), "{stdout}");
+    assert!(stdout.contains("  pool (kind pgbouncer): "), "{stdout}");
+    assert!(
+        stdout.contains("  pgbouncer_pools [cluster, pgbouncer targets] every "),
+        "{stdout}"
+    );
+    let (file, out) = check_config(
+        dir.path(),
+        "targets:\n  - name: pool\n    kind: pgbouncr\n    dsn: host=h\n",
+    );
+    assert_error_at(&out, &file, 3, &["kind", "invalid kind \"pgbouncr\""]);
+}

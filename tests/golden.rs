@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use pgvigil::collector::names::{NameCache, Relations};
 use pgvigil::collector::pack::{Catalog, CollectorDef, BUILTIN_PACKS};
 use pgvigil::collector::steps::{CollectorState, Context};
+use pgvigil::config::TargetKind;
 use pgvigil::exposition::{self, Format};
 use pgvigil::postgres::value::{Columns, SqlLabel, SqlNumber};
 use pgvigil::store::Snapshot;
@@ -416,7 +417,7 @@ fn record_rows() {
         workload(20 + 10 * round);
         let mut this = Vec::new();
         for c in &catalog.collectors {
-            if HAND_WRITTEN.contains(&c.name.0.as_str()) {
+            if HAND_WRITTEN.contains(&c.name.0.as_str()) || c.kind != TargetKind::Postgres {
                 continue;
             }
             let sql = &c.queries.resolve(version).expect("a variant").sql;
@@ -454,6 +455,98 @@ fn record_rows() {
             "# Rows of the `{name}` collector, recorded from PostgreSQL {version} by\n# `cargo nextest run --test golden --run-ignored only` (tests/golden.rs).\n"
         );
         std::fs::write(rows_path(name), header + &doc).unwrap();
+    }
+}
+
+/// PgBouncer's console answers in text: a value that reads as an integer or a number is
+/// recorded as one (as the pack's metrics read it), anything else as text.
+fn text_to_yaml(text: Option<&str>) -> Value {
+    match text {
+        None => Value::Null,
+        Some(t) => match (t.parse::<i64>(), t.parse::<f64>()) {
+            (Ok(i), _) => Value::from(i),
+            (_, Ok(f)) => Value::from(f),
+            _ => Value::String(t.to_string()),
+        },
+    }
+}
+
+#[test]
+#[ignore = "records tests/golden/rows of the PgBouncer pack from a throwaway PgBouncer; run on purpose"]
+fn record_pgbouncer_rows() {
+    use pgvigil::demo::cluster::{PgBouncerOptions, TempPgBouncer};
+    use tokio_postgres::SimpleQueryMessage;
+    let pg = common::cluster(&[]);
+    let bouncer = TempPgBouncer::start(&pg, &PgBouncerOptions::default()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let connect = |user: &str, password: &str, db: &str| {
+        let dsn = bouncer.dsn_for(user, password, db);
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+        })
+    };
+    // Three clients in transactions on a pool of 2: one waits.
+    let clients: Vec<_> = (0..3)
+        .map(|_| connect("app", "app-secret", "postgres"))
+        .collect();
+    for c in &clients[..2] {
+        rt.block_on(c.simple_query("BEGIN; SELECT 1")).unwrap();
+    }
+    let waiting = {
+        let c = &clients[2];
+        rt.block_on(async {
+            let f = c.simple_query("BEGIN");
+            tokio::time::timeout(Duration::from_millis(1500), f)
+                .await
+                .is_err()
+        })
+    };
+    assert!(waiting, "the third client waits for the pool");
+    let console = connect("pgvigil", "pgvigil-secret", "pgbouncer");
+    let catalog = builtin();
+    let version = rt
+        .block_on(console.simple_query("SHOW VERSION"))
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default();
+    for c in catalog
+        .collectors
+        .iter()
+        .filter(|c| c.kind == TargetKind::Pgbouncer)
+    {
+        let rows: Vec<Value> = rt
+            .block_on(console.simple_query(&c.queries.0[0].sql))
+            .unwrap_or_else(|e| panic!("{}: {e}", c.name))
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(Value::Mapping(
+                    r.columns()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, col)| (Value::from(col.name()), text_to_yaml(r.get(i))))
+                        .collect(),
+                )),
+                _ => None,
+            })
+            .collect();
+        let doc = serde_yaml_ng::to_string(&serde_yaml_ng::Mapping::from_iter([(
+            Value::from("polls"),
+            Value::Sequence(vec![Value::Sequence(rows)]),
+        )]))
+        .unwrap();
+        let header = format!(
+            "# Rows of the `{}` collector, recorded from {version} by\n# `cargo nextest run --test golden --run-ignored only` (tests/golden.rs).\n",
+            c.name
+        );
+        std::fs::write(rows_path(&c.name.0), header + &doc).unwrap();
     }
 }
 

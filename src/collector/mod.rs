@@ -12,7 +12,7 @@ pub mod table;
 
 use std::fmt::Write as _;
 
-use crate::config::{CollectorDefaults, Config};
+use crate::config::{CollectorDefaults, Config, TargetKind};
 use pack::{Catalog, Scope};
 
 /// The PostgreSQL majors pgvigil supports; the plan shows the variant chosen for each.
@@ -84,8 +84,8 @@ pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
     for t in &config.targets {
         let _ = writeln!(
             out,
-            "  {}: {:?}, at most {} collector connections",
-            t.name, t.dsn, t.max_connections.0
+            "  {} (kind {}): {:?}, at most {} collector connections",
+            t.name, t.kind, t.dsn, t.max_connections.0
         );
     }
     collectors_text(&mut out, config, &catalog.collectors, &catalog.notes);
@@ -114,9 +114,13 @@ fn collectors_text(
         };
         let _ = writeln!(
             out,
-            "  {} [{}] every {}, timeout {}, {} metrics, from {}",
+            "  {} [{}{}] every {}, timeout {}, {} metrics, from {}",
             c.name,
             scope,
+            match c.kind {
+                TargetKind::Postgres => "",
+                TargetKind::Pgbouncer => ", pgbouncer targets",
+            },
             every,
             c.timeout.unwrap_or(d.timeout),
             c.metrics.0.len(),
@@ -132,7 +136,19 @@ fn collectors_text(
                 grant.trim()
             );
         }
-        let _ = writeln!(out, "      {}", variant_plan(&c.queries));
+        match c.kind {
+            TargetKind::Postgres => {
+                let _ = writeln!(out, "      {}", variant_plan(&c.queries));
+            }
+            // PgBouncer versions are not PostgreSQL majors: the plan is its one query.
+            TargetKind::Pgbouncer => {
+                let _ = writeln!(
+                    out,
+                    "      PgBouncer: queries[0] ({})",
+                    c.queries.0[0].range_text()
+                );
+            }
+        }
         if c.cache.is_some() {
             let _ = writeln!(
                 out,

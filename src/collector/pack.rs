@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::config::{CollectorsConfig, Interval, LabelName, MetricName};
+use crate::config::{CollectorsConfig, Interval, LabelName, MetricName, TargetKind};
 use crate::metric::MetricType;
 use crate::yaml::{self, YamlError};
 
@@ -61,6 +61,10 @@ pub const BUILTIN_PACKS: &[(&str, &str)] = &[
         "queries/security.yaml",
         include_str!("../../queries/security.yaml"),
     ),
+    (
+        "queries/pgbouncer.yaml",
+        include_str!("../../queries/pgbouncer.yaml"),
+    ),
 ];
 
 /// Errors while loading packs.
@@ -79,6 +83,9 @@ pub enum PackError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PackFile {
+    /// The kind of target every collector of the pack runs on (default `postgres`).
+    #[serde(default)]
+    kind: TargetKind,
     collectors: Vec<CollectorDef>,
 }
 
@@ -132,6 +139,9 @@ pub struct CollectorDef {
     /// on `activity.sample_interval` (`run_by: activity_sampler`, see `trace::load`).
     #[serde(default)]
     pub run_by: RunBy,
+    /// The kind of target this runs on: the pack's `kind` (set after parsing).
+    #[serde(skip)]
+    pub kind: TargetKind,
     /// Which file this came from (for messages); set after parsing.
     #[serde(skip)]
     pub source: PathBuf,
@@ -143,6 +153,9 @@ pub struct CollectorDef {
 impl CollectorDef {
     /// Checks that span several fields.
     fn check(&self) -> Result<(), String> {
+        if self.kind == TargetKind::Pgbouncer {
+            self.check_pgbouncer()?;
+        }
         if self.metrics.0.is_empty() && self.cache.is_none() {
             return Err("at least one metric is required".into());
         }
@@ -187,6 +200,28 @@ impl CollectorDef {
             }
         }
         Ok(())
+    }
+}
+
+impl CollectorDef {
+    /// What a collector of a `kind: pgbouncer` pack cannot use: PgBouncer's console is one
+    /// database with no catalogs, no extensions and no `pg_stat_activity`.
+    fn check_pgbouncer(&self) -> Result<(), String> {
+        let unsupported = [
+            (self.scope == Scope::Database, "`scope: database`"),
+            (self.requires.extension.is_some(), "`requires.extension`"),
+            (self.requires.grant.is_some(), "`requires.grant`"),
+            (self.cache.is_some(), "`cache`"),
+            (self.per_database.is_some(), "`per_database`"),
+            (self.processor.is_some(), "`processor`"),
+            (self.run_by != RunBy::Poller, "`run_by`"),
+        ];
+        match unsupported.iter().find(|(used, _)| *used) {
+            Some((_, what)) => Err(format!(
+                "{what} is not available in a `kind: pgbouncer` pack (PgBouncer's console has one database and no catalogs)"
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -503,6 +538,28 @@ pub struct MetricDef {
     pub accumulate: bool,
     /// How the value goes into the `other` row of a `table_top_n` collector.
     pub other: Option<OtherRule>,
+    /// The value column is multiplied by this (e.g. `0.000001`: microseconds → seconds),
+    /// for sources that SQL cannot convert (PgBouncer's `SHOW` commands).
+    pub scale: f64,
+    /// More columns added to the value, each with its own scale (PgBouncer's `maxwait`
+    /// in seconds plus `maxwait_us`). A NULL term skips the sample.
+    pub add: Vec<Term>,
+    /// Only rows whose label columns have these texts give samples (`SHOW CONFIG` rows by
+    /// `key`), for sources whose rows SQL cannot filter.
+    pub filter: BTreeMap<String, String>,
+}
+
+/// A column added to a metric's value: `{column: maxwait_us, scale: 0.000001}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Term {
+    pub column: String,
+    #[serde(default = "one")]
+    pub scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// `name_from`: a metric whose name comes from a column, so one declaration gives a family
@@ -580,6 +637,12 @@ struct RawMetric {
     accumulate: bool,
     #[serde(default)]
     other: Option<OtherRule>,
+    #[serde(default)]
+    scale: Option<f64>,
+    #[serde(default)]
+    add: Vec<Term>,
+    #[serde(default, rename = "where")]
+    filter: BTreeMap<String, String>,
 }
 
 impl TryFrom<RawMetric> for MetricDef {
@@ -656,6 +719,24 @@ impl TryFrom<RawMetric> for MetricDef {
         if r.help.trim().is_empty() {
             return Err(format!("metric {name}: help must not be empty"));
         }
+        let scales = r.scale.iter().chain(r.add.iter().map(|t| &t.scale));
+        if scales.clone().any(|s| !s.is_finite() || *s == 0.0) {
+            return Err(format!(
+                "metric {name}: a scale must be a finite number other than 0"
+            ));
+        }
+        if (r.scale.is_some() || !r.add.is_empty())
+            && (r.value.is_none() || r.kind == MetricType::Info)
+        {
+            return Err(format!(
+                "metric {name}: `scale` and `add` change a `value` column of a gauge or counter"
+            ));
+        }
+        if !r.filter.is_empty() && name_rule.is_some() {
+            return Err(format!(
+                "metric {name}: `where` is not available with `name_from`"
+            ));
+        }
         let mut seen = HashSet::new();
         for l in r.labels.iter().chain(r.static_labels.keys()) {
             if l.0 == "target" {
@@ -677,6 +758,9 @@ impl TryFrom<RawMetric> for MetricDef {
             static_labels: r.static_labels,
             accumulate: r.accumulate,
             other: r.other,
+            scale: r.scale.unwrap_or(1.0),
+            add: r.add,
+            filter: r.filter,
         })
     }
 }
@@ -826,6 +910,7 @@ impl Catalog {
             for (index, mut c) in pack.collectors.into_iter().enumerate() {
                 c.source = f.path.clone();
                 c.index = index;
+                c.kind = pack.kind;
                 if let Err(e) = c.check() {
                     return Err(YamlError::at(
                         &f.path,
@@ -1042,6 +1127,73 @@ mod tests {
 
         let e = load(&ONE.replace("type: gauge", "type: counter")).unwrap_err();
         assert!(e.contains("must end in _total"), "{e}");
+    }
+
+    #[test]
+    fn a_pack_kind_reaches_its_collectors_and_limits_what_they_use() {
+        let c = load(&format!("kind: pgbouncer\n{ONE}")).unwrap();
+        let mine = c.collectors.iter().find(|c| c.name.0 == "mine").unwrap();
+        assert_eq!(mine.kind, TargetKind::Pgbouncer);
+        let pools = c
+            .collectors
+            .iter()
+            .find(|c| c.name.0 == "pgbouncer_pools")
+            .unwrap();
+        assert_eq!(pools.kind, TargetKind::Pgbouncer);
+        let db = c
+            .collectors
+            .iter()
+            .find(|c| c.name.0 == "database")
+            .unwrap();
+        assert_eq!(db.kind, TargetKind::Postgres, "the default kind");
+
+        let e = load(&format!(
+            "kind: pgbouncer\n{}",
+            ONE.replace("help: Mine.\n", "help: Mine.\n    scope: database\n")
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("`scope: database` is not available in a `kind: pgbouncer` pack"),
+            "{e}"
+        );
+        let e = load(&format!(
+            "kind: pgbouncer\n{}",
+            ONE.replace(
+                "help: Mine.\n",
+                "help: Mine.\n    requires: {extension: x}\n"
+            )
+        ))
+        .unwrap_err();
+        assert!(e.contains("`requires.extension` is not available"), "{e}");
+        let e = load(&format!("kind: pgbouncr\n{ONE}")).unwrap_err();
+        assert!(
+            e.starts_with("user.yaml:1:") && e.contains("invalid kind"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn scale_add_and_where_are_checked_at_load() {
+        load(&ONE.replace("value: v\n", "value: v\n        scale: 0.000001\n        add: [{column: w, scale: 0.001}]\n        where: {key: x}\n")).unwrap();
+        let e = load(&ONE.replace("value: v\n", "value: v\n        scale: 0\n")).unwrap_err();
+        assert!(
+            e.contains("a scale must be a finite number other than 0"),
+            "{e}"
+        );
+        let e = load(&ONE.replace(
+            "value: v\n",
+            "value: v\n        add: [{column: w, colour: red}]\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let info = ONE
+            .replace("my_value", "my_info")
+            .replace("type: gauge", "type: info");
+        let e = load(&info.replace("value: v\n", "value: v\n        scale: 2\n")).unwrap_err();
+        assert!(
+            e.contains("`scale` and `add` change a `value` column"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ use crate::collector::pack::{CacheKind, CollectorDef, Scope};
 use crate::collector::steps::{CollectorState, Context};
 use crate::config::{CollectorDefaults, StatementsConfig, TablesConfig, Target};
 use crate::postgres::slot::{Event, Slot, SlotGuard};
+use crate::postgres::value::QueryRow;
 use crate::postgres::{dsn, ErrorKind, PgError};
 use crate::store::{Snapshot, Store, Visits};
 use crate::trace::selfspans;
@@ -108,6 +109,20 @@ impl TargetPoller {
             .map(|(k, v)| (Arc::from(k.as_str()), v.clone()))
             .collect();
         store.add_target(&target.name, base_labels.clone());
+        // A pack runs on targets of its own kind only (PgBouncer's console has no
+        // catalogs; PostgreSQL has no `SHOW POOLS`).
+        let collectors: Arc<Vec<CollectorDef>> = if collectors.iter().all(|c| c.kind == target.kind)
+        {
+            collectors
+        } else {
+            Arc::new(
+                collectors
+                    .iter()
+                    .filter(|c| c.kind == target.kind)
+                    .cloned()
+                    .collect(),
+            )
+        };
         let pending = collectors.iter().map(|c| c.name.0.clone()).collect();
         Arc::new(TargetPoller {
             budget: budget
@@ -469,7 +484,7 @@ impl TargetPoller {
     }
 
     /// A `cache: relation_names` collector's rows become the database's relation names.
-    fn fill_cache(&self, def: &CollectorDef, db: &str, rows: &[Row]) -> Result<(), PgError> {
+    fn fill_cache(&self, def: &CollectorDef, db: &str, rows: &[QueryRow]) -> Result<(), PgError> {
         match def.cache {
             None => Ok(()),
             Some(CacheKind::RelationNames) => {
@@ -488,7 +503,7 @@ impl TargetPoller {
         slot: &mut SlotGuard,
         def: &CollectorDef,
         db: &str,
-    ) -> Result<Option<Vec<Row>>, PgError> {
+    ) -> Result<Option<Vec<QueryRow>>, PgError> {
         let info = slot.info();
         let Some(variant) = def.queries.resolve(info.version_num) else {
             let v = info.version_num;
@@ -512,7 +527,7 @@ impl TargetPoller {
         // database, turns `pg_up` to 0 through `session_events`).
         let lock_timeout = self.defaults.lock_timeout.0;
         let rows = slot
-            .query(&variant.sql, timeout, lock_timeout)
+            .fetch(&variant.sql, timeout, lock_timeout)
             .await
             .map_err(|e| with_grant(e, def.requires.grant.as_deref()))
             .inspect_err(|e| selfspans::error(&tracing::Span::current(), &e.message))?;
@@ -563,7 +578,12 @@ impl TargetPoller {
 
     /// Rows → the collector's snapshot (steps, names, mapping, accumulation). `db` is ""
     /// for cluster scope.
-    fn process(&self, def: &CollectorDef, db: &str, rows: &[Row]) -> Result<Snapshot, PgError> {
+    fn process(
+        &self,
+        def: &CollectorDef,
+        db: &str,
+        rows: &[QueryRow],
+    ) -> Result<Snapshot, PgError> {
         let interval = self.interval(def);
         let families = self.with_state(def, db, |s, ctx| s.families(def, interval, rows, ctx))?;
         Ok(Snapshot { families })
@@ -615,6 +635,7 @@ impl TargetPoller {
         let mut dsn = self.target.pg.clone();
         dsn.0.dbname(db);
         let slot = Slot::new(dsn, self.defaults.timeout.0)
+            .flavour(self.target.kind.into())
             .log_as(&self.target.name, None)
             .budget(Arc::clone(&self.budget));
         if db != self.main_db() {

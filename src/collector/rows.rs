@@ -140,24 +140,49 @@ fn samples<T: Rows + ?Sized>(
         .iter()
         .map(|l| column(m, rows, &l.0).map(|i| (Arc::<str>::from(l.0.as_str()), i)))
         .collect::<Result<Vec<_>, _>>()?;
+    let add_idx = m
+        .add
+        .iter()
+        .map(|t| column(m, rows, &t.column).map(|i| (i, t.scale)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let filter_idx = m
+        .filter
+        .iter()
+        .map(|(c, want)| column(m, rows, c).map(|i| (i, want.as_str())))
+        .collect::<Result<Vec<_>, _>>()?;
     let add_datname = def.scope == Scope::Database && !m.labels.iter().any(|l| l.0 == "datname");
     let mut out: Vec<Sample> = Vec::new();
     // Duplicate label sets, found by hash without copying every label set; samples
     // with equal hashes are then compared for real.
     let mut seen: HashMap<u64, Vec<usize>> = HashMap::new();
-    for row in which {
-        let value = match value_idx {
+    'rows: for row in which {
+        for &(i, want) in &filter_idx {
+            let text = rows
+                .label(row, i)
+                .map_err(|e| decode(format!("metric {}: where column: {e}", m.name)))?;
+            if text != want {
+                continue 'rows;
+            }
+        }
+        let number = |i: usize, what: &str| {
+            rows.number(row, i)
+                .map_err(|e| decode(format!("metric {}: {what} column: {e}", m.name)))
+        };
+        let mut value = match value_idx {
             None => 1.0,
-            Some(i) => match rows
-                .number(row, i)
-                .map_err(|e| decode(format!("metric {}: value column: {e}", m.name)))?
-            {
+            Some(i) => match number(i, "value")? {
                 // An info sample is 1; its value column only says whether it exists.
                 Some(_) if m.kind == MetricType::Info => 1.0,
-                Some(v) if v.is_finite() => v,
+                Some(v) if v.is_finite() => v * m.scale,
                 _ => continue,
             },
         };
+        for &(i, scale) in &add_idx {
+            match number(i, "add")? {
+                Some(v) if v.is_finite() => value += v * scale,
+                _ => continue 'rows,
+            }
+        }
         let mut labels = base_labels.to_vec();
         if add_datname {
             labels.push((Arc::from("datname"), database.to_string()));
@@ -305,6 +330,34 @@ mod tests {
                 ("s_x_count_value", "generic", 1),
             ]
         );
+    }
+
+    #[test]
+    fn where_scale_and_add_read_show_output() {
+        let def: CollectorDef = serde_yaml_ng::from_str(
+            "name: c\nhelp: h\nqueries: [{sql: x}]\nmetrics:\n  - {name: wait_seconds, type: gauge, help: h, value: s, add: [{column: us, scale: 0.000001}], labels: [k]}\n  - {name: max_conn, type: gauge, help: h, value: v, where: {k: max}}\n  - {name: ms_seconds_total, type: counter, help: h, value: us, scale: 0.001, labels: [k]}\n",
+        )
+        .unwrap();
+        let rows = vec![
+            Fake(vec![
+                ("k", None, "max"),
+                ("v", Some(100.0), ""),
+                ("s", Some(2.0), ""),
+                ("us", Some(500_000.0), ""),
+            ]),
+            Fake(vec![
+                ("k", None, "min"),
+                ("v", Some(5.0), ""),
+                ("s", Some(0.0), ""),
+                ("us", None, ""),
+            ]),
+        ];
+        let f = to_families(&def, &rows, &base(), "").unwrap();
+        let values = |i: usize| f[i].samples.iter().map(|s| s.value).collect::<Vec<_>>();
+        // A NULL term skips the sample, as a NULL value does.
+        assert_eq!(values(0), [2.5]);
+        assert_eq!(values(1), [100.0], "only the row where k = max");
+        assert_eq!(values(2), [500.0]);
     }
 
     #[test]

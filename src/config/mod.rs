@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::postgres::dsn::{describe, Dsn};
-pub use types::{Interval, LabelName, MetricName, Pattern};
+pub use types::{Interval, LabelName, MetricName, Pattern, TargetKind};
 
 use crate::postgres::password::PasswordSource;
 use crate::postgres::tls::{TlsParams, TlsSettings};
@@ -305,6 +305,10 @@ impl Default for Config {
 pub struct TargetConfig {
     /// Becomes the `target` label of every series from this server.
     pub name: String,
+    /// `postgres` (default) or `pgbouncer`: a PgBouncer admin console, whose DSN names
+    /// the `pgbouncer` database; only packs of the same kind run on it.
+    #[serde(default)]
+    pub kind: TargetKind,
     /// libpq connection string or URL. The database named here is the one cluster-wide
     /// collectors use.
     pub dsn: Dsn,
@@ -448,6 +452,8 @@ impl Default for CollectorDefaults {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub name: String,
+    /// PostgreSQL or a PgBouncer admin console: decides the session flavour and the packs.
+    pub kind: TargetKind,
     pub pg: Dsn,
     /// `target` first, then the configured labels.
     pub labels: Vec<(String, String)>,
@@ -601,6 +607,7 @@ impl Config {
                 labels.extend(t.labels.iter().map(|(k, v)| (k.0.clone(), v.clone())));
                 Ok(Target {
                     name: t.name.clone(),
+                    kind: t.kind,
                     pg: Dsn(pg, t.dsn.1.clone(), password),
                     labels,
                     databases: t.databases.clone(),
@@ -662,6 +669,7 @@ fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig,
     };
     Ok(TargetConfig {
         name,
+        kind: TargetKind::default(),
         dsn,
         password_file: None,
         labels: BTreeMap::new(),

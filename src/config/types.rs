@@ -42,6 +42,50 @@ impl fmt::Display for Interval {
     }
 }
 
+/// What a target is: PostgreSQL itself, or a PgBouncer admin console (its `pgbouncer`
+/// database, which answers `SHOW …` commands only). Targets and packs both carry one: a
+/// pack runs only on targets of its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub enum TargetKind {
+    #[default]
+    Postgres,
+    Pgbouncer,
+}
+
+impl TargetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Postgres => "postgres",
+            TargetKind::Pgbouncer => "pgbouncer",
+        }
+    }
+}
+
+impl FromStr for TargetKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "postgres" => Ok(TargetKind::Postgres),
+            "pgbouncer" => Ok(TargetKind::Pgbouncer),
+            other => Err(format!(
+                "invalid kind {other:?}: postgres (a PostgreSQL server) or pgbouncer (a PgBouncer admin console)"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::yaml::from_str_de(d)
+    }
+}
+
+impl fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A Prometheus metric name: `[a-zA-Z_:][a-zA-Z0-9_:]*`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MetricName(pub String);

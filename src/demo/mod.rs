@@ -179,6 +179,7 @@ impl Demo {
         for (name, server) in servers {
             config.targets.push(TargetConfig {
                 name: name.into(),
+                kind: Default::default(),
                 dsn: server
                     .dsn_for(DEMO_ROLE, "postgres")
                     .parse()

@@ -19,7 +19,8 @@ pub use dsn::Dsn;
 /// Facts about the connected database, read once per connection.
 #[derive(Debug, Clone, Default)]
 pub struct ServerInfo {
-    /// `server_version_num`, e.g. 150018.
+    /// `server_version_num`, e.g. 150018; for PgBouncer its own version as
+    /// major·10000 + minor·100 + patch (1.18.0 → 11800).
     pub version_num: u32,
     /// Extensions installed in this database.
     pub extensions: HashSet<String>,

@@ -3,7 +3,8 @@
 //!
 //! A slot owns everything about its connection: opening it with pgvigil's session
 //! settings (`default_transaction_read_only`, `application_name` from the DSN, an idle
-//! transaction limit), reading the server's facts on connect, running each query with its
+//! transaction limit) — or without any, for PgBouncer's admin console ([`Flavour`]) —
+//! reading the server's facts on connect, running each query with its
 //! own `statement_timeout` and `lock_timeout` plus a client-side deadline, noticing a
 //! closed or broken connection, and reconnecting with doubling, jittered backoff. It logs
 //! connects, reconnects and failures itself — naming the server with
@@ -16,10 +17,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, Row, SimpleQueryMessage};
 
 use super::dsn::{self, describe};
+use super::value::{QueryRow, TextRow};
 use super::{tls, Dsn, ErrorKind, PgError, ServerInfo};
+use crate::config::TargetKind;
 
 /// Reconnect backoff: doubles from `BACKOFF_MIN` up to `BACKOFF_MAX`, with ±25 % jitter.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -30,17 +33,17 @@ const DEADLINE_SLACK: Duration = Duration::from_secs(2);
 /// What kind of server a session talks to. It decides two things independently:
 /// whether pgvigil's session settings are applied ([`Flavour::applies_settings`]) and
 /// which wire protocol queries use ([`Flavour::protocol`]).
-///
-/// Only PostgreSQL exists today. PgBouncer's admin console is the next flavour: it
-/// accepts no `SET` (so no settings, no timeouts per query, no `pg_extension` read) and
-/// speaks only the simple query protocol, whose rows are text (`SimpleQueryRow`, not
-/// [`Row`]) — it would add a variant here and a `simple_query` next to
-/// [`SlotGuard::query`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Flavour {
     /// PostgreSQL itself: settings applied, extended protocol, server facts read.
     #[default]
     Postgres,
+    /// PgBouncer's admin console (the `pgbouncer` database): it accepts no `SET` and no
+    /// transactions (so no settings and no server-side timeouts: the client-side deadline
+    /// is the only one) and speaks only the simple query protocol, whose rows are text
+    /// ([`TextRow`]). Its facts are its own version (`SHOW VERSION`), no extensions.
+    /// <https://www.pgbouncer.org/usage.html#admin-console>
+    PgBouncer,
 }
 
 /// How queries travel on the wire.
@@ -48,6 +51,8 @@ pub enum Flavour {
 enum Protocol {
     /// Parse/bind/execute: typed rows and parameters.
     Extended,
+    /// One `Query` message: text rows, no parameters.
+    Simple,
 }
 
 impl Flavour {
@@ -56,12 +61,23 @@ impl Flavour {
     fn applies_settings(self) -> bool {
         match self {
             Flavour::Postgres => true,
+            Flavour::PgBouncer => false,
         }
     }
 
     fn protocol(self) -> Protocol {
         match self {
             Flavour::Postgres => Protocol::Extended,
+            Flavour::PgBouncer => Protocol::Simple,
+        }
+    }
+}
+
+impl From<TargetKind> for Flavour {
+    fn from(kind: TargetKind) -> Flavour {
+        match kind {
+            TargetKind::Postgres => Flavour::Postgres,
+            TargetKind::Pgbouncer => Flavour::PgBouncer,
         }
     }
 }
@@ -140,6 +156,12 @@ impl Slot {
             quiet: false,
             state: Arc::default(),
         }
+    }
+
+    /// Talks to `flavour` (default: PostgreSQL).
+    pub fn flavour(mut self, flavour: Flavour) -> Slot {
+        self.flavour = flavour;
+        self
     }
 
     /// Shares a connection budget: an open session holds one of `permits`.
@@ -322,6 +344,42 @@ impl SlotGuard {
         }
     }
 
+    /// Runs a collector's `sql` the way the session's [`Flavour`] speaks: on PostgreSQL as
+    /// [`SlotGuard::query`] does (typed rows), on PgBouncer's console over the simple
+    /// protocol (text rows), within the client-side deadline `timeout` + 2 s.
+    pub async fn fetch(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+        lock_timeout: Duration,
+    ) -> Result<Vec<QueryRow>, PgError> {
+        let Some(session) = self.state.session.as_mut() else {
+            return Err(PgError {
+                kind: ErrorKind::Connect,
+                message: "connection lost".into(),
+                fatal: true,
+            });
+        };
+        let result = match session.flavour.protocol() {
+            Protocol::Extended => session
+                .query(sql, &[], timeout, lock_timeout)
+                .await
+                .map(|rows| rows.into_iter().map(QueryRow::Typed).collect()),
+            Protocol::Simple => session
+                .simple(sql, timeout)
+                .await
+                .map(|rows| rows.into_iter().map(QueryRow::Text).collect()),
+        };
+        match result {
+            Err(mut e) if e.fatal || session.client.is_closed() => {
+                e.fatal = true;
+                self.mark_broken();
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
     /// Runs one statement over the simple query protocol, with the same timeouts and
     /// deadline as [`SlotGuard::query`], and returns the first column of each row as
     /// text. For statements the extended protocol cannot carry, such as `EXPLAIN
@@ -423,6 +481,7 @@ impl Session {
         }
         let info = match flavour {
             Flavour::Postgres => read_info(&client).await?,
+            Flavour::PgBouncer => read_pgbouncer_info(&client).await?,
         };
         let session = Session {
             client,
@@ -524,6 +583,10 @@ impl Session {
                     .query(sql, params)
                     .await
                     .map_err(|e| PgError::from_query(&e)),
+                Protocol::Simple => Err(PgError::new(
+                    ErrorKind::Query,
+                    "typed queries need the extended protocol, which this server does not speak",
+                )),
             }
         };
         match tokio::time::timeout(deadline, run).await {
@@ -538,6 +601,84 @@ impl Session {
             }),
         }
     }
+
+    /// Runs `sql` over the simple query protocol (the only one PgBouncer's console
+    /// speaks), within the client-side deadline `timeout` + 2 s. Rows of every statement
+    /// in `sql` are returned together.
+    async fn simple(&mut self, sql: &str, timeout: Duration) -> Result<Vec<TextRow>, PgError> {
+        let deadline = timeout + DEADLINE_SLACK;
+        match tokio::time::timeout(deadline, self.client.simple_query(sql)).await {
+            Ok(Ok(messages)) => Ok(text_rows(messages)),
+            Ok(Err(e)) => Err(PgError::from_query(&e)),
+            Err(_) => Err(PgError {
+                kind: ErrorKind::Timeout,
+                message: format!("no answer within {deadline:?}"),
+                fatal: true,
+            }),
+        }
+    }
+}
+
+/// The rows of a simple query's messages, each sharing its statement's column names.
+fn text_rows(messages: Vec<SimpleQueryMessage>) -> Vec<TextRow> {
+    let mut out = Vec::new();
+    let mut columns: Option<Arc<[String]>> = None;
+    for m in messages {
+        match m {
+            SimpleQueryMessage::RowDescription(cols) => {
+                columns = Some(cols.iter().map(|c| c.name().to_string()).collect());
+            }
+            SimpleQueryMessage::Row(row) => {
+                let names = match &columns {
+                    Some(c) => Arc::clone(c),
+                    None => {
+                        let c: Arc<[String]> =
+                            row.columns().iter().map(|c| c.name().to_string()).collect();
+                        columns = Some(Arc::clone(&c));
+                        c
+                    }
+                };
+                let values = (0..row.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect();
+                out.push(TextRow::new(names, values));
+            }
+            SimpleQueryMessage::CommandComplete(_) => columns = None,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// PgBouncer's facts: its version from `SHOW VERSION` (`PgBouncer 1.18.0`) as
+/// major·10000 + minor·100 + patch (11800), and no extensions.
+async fn read_pgbouncer_info(client: &Client) -> Result<ServerInfo, PgError> {
+    let messages = client
+        .simple_query("SHOW VERSION")
+        .await
+        .map_err(|e| PgError::from_query(&e))?;
+    let text = text_rows(messages)
+        .first()
+        .and_then(|r| r.text(0).map(str::to_string))
+        .unwrap_or_default();
+    Ok(ServerInfo {
+        version_num: parse_pgbouncer_version(&text).unwrap_or(0),
+        extensions: Default::default(),
+    })
+}
+
+/// `PgBouncer 1.18.0` → 11800; `None` when the text holds no version.
+fn parse_pgbouncer_version(text: &str) -> Option<u32> {
+    let version = text
+        .split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))?;
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    let major = parts.next()??;
+    let minor = parts.next().flatten().unwrap_or(0);
+    let patch = parts.next().flatten().unwrap_or(0);
+    Some(major * 10_000 + minor.min(99) * 100 + patch.min(99))
 }
 
 /// How long a cancel request may take to reach the server.
@@ -641,6 +782,13 @@ mod tests {
             let b20 = backoff(20);
             assert!(b20 >= Duration::from_millis(22_500) && b20 <= Duration::from_millis(37_500));
         }
+    }
+
+    #[test]
+    fn pgbouncer_version_text() {
+        assert_eq!(parse_pgbouncer_version("PgBouncer 1.18.0"), Some(11_800));
+        assert_eq!(parse_pgbouncer_version("PgBouncer 1.23.1"), Some(12_301));
+        assert_eq!(parse_pgbouncer_version("PgBouncer"), None);
     }
 
     #[tokio::test]

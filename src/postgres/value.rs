@@ -1,5 +1,10 @@
 //! Row values → sample values and label strings.
 //!
+//! Rows come typed over the extended protocol (`tokio_postgres::Row`, binary values) or
+//! as text over the simple protocol ([`TextRow`], PgBouncer's console); [`QueryRow`] is
+//! either, and both read the same way through [`Columns`]. Text values are numbers as
+//! the pack's metric declares them: a value column must hold a number.
+//!
 //! A metric value may be any numeric SQL type, boolean (1/0), interval (seconds) or a
 //! timestamp (Unix seconds); NULL means "no sample". Labels are text; NULL becomes "".
 //! Binary formats: <https://github.com/postgres/postgres/blob/master/src/backend/utils/adt/numeric.c>
@@ -195,6 +200,81 @@ impl Columns for tokio_postgres::Row {
     }
 }
 
+/// A row of the simple query protocol: every value is text (or NULL).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextRow {
+    /// The statement's column names, shared by its rows.
+    columns: std::sync::Arc<[String]>,
+    values: Vec<Option<String>>,
+}
+
+impl TextRow {
+    pub fn new(columns: std::sync::Arc<[String]>, values: Vec<Option<String>>) -> TextRow {
+        TextRow { columns, values }
+    }
+
+    /// The text of column `idx`; `None` for NULL or a column that does not exist.
+    pub fn text(&self, idx: usize) -> Option<&str> {
+        self.values.get(idx)?.as_deref()
+    }
+}
+
+impl Columns for TextRow {
+    fn index_of(&self, column: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c == column)
+    }
+    fn columns(&self) -> Vec<String> {
+        self.columns.to_vec()
+    }
+    /// NULL or an empty text is no sample; anything else must parse as a number.
+    fn number(&self, idx: usize) -> Result<Option<f64>, String> {
+        match self.text(idx).map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(t) => t
+                .parse::<f64>()
+                .map(Some)
+                .map_err(|_| format!("{t:?} is not a number")),
+        }
+    }
+    fn label(&self, idx: usize) -> Result<String, String> {
+        Ok(self.text(idx).unwrap_or_default().to_string())
+    }
+}
+
+/// A row as a query returned it: typed (extended protocol) or text (simple protocol).
+#[derive(Debug)]
+pub enum QueryRow {
+    Typed(tokio_postgres::Row),
+    Text(TextRow),
+}
+
+impl Columns for QueryRow {
+    fn index_of(&self, column: &str) -> Option<usize> {
+        match self {
+            QueryRow::Typed(r) => r.index_of(column),
+            QueryRow::Text(r) => r.index_of(column),
+        }
+    }
+    fn columns(&self) -> Vec<String> {
+        match self {
+            QueryRow::Typed(r) => Columns::columns(r),
+            QueryRow::Text(r) => r.columns(),
+        }
+    }
+    fn number(&self, idx: usize) -> Result<Option<f64>, String> {
+        match self {
+            QueryRow::Typed(r) => r.number(idx),
+            QueryRow::Text(r) => r.number(idx),
+        }
+    }
+    fn label(&self, idx: usize) -> Result<String, String> {
+        match self {
+            QueryRow::Typed(r) => r.label(idx),
+            QueryRow::Text(r) => r.label(idx),
+        }
+    }
+}
+
 impl<T: Columns> Columns for &T {
     fn index_of(&self, column: &str) -> Option<usize> {
         (**self).index_of(column)
@@ -238,6 +318,19 @@ mod tests {
             .unwrap()
             .is_nan());
         assert!(numeric_to_f64(&[0, 3]).is_err());
+    }
+
+    #[test]
+    fn text_rows_read_numbers_and_labels() {
+        let cols: std::sync::Arc<[String]> = vec!["database".into(), "cl_waiting".into()].into();
+        let row = TextRow::new(cols, vec![Some("app".into()), Some(" 4 ".into())]);
+        assert_eq!(row.index_of("cl_waiting"), Some(1));
+        assert_eq!(row.number(1), Ok(Some(4.0)));
+        assert_eq!(row.label(0).unwrap(), "app");
+        assert!(row.number(0).unwrap_err().contains("not a number"));
+        let null = TextRow::new(vec!["v".to_string()].into(), vec![None]);
+        assert_eq!(null.number(0), Ok(None));
+        assert_eq!(null.label(0).unwrap(), "");
     }
 
     #[test]

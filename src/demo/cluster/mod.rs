@@ -38,10 +38,12 @@
 //! - `runner`: running a program as that user, with a clean environment;
 //! - `conf`: our `postgresql.conf` block and the caller's settings;
 //! - `ports`: free ports, and noticing that a port was taken;
-//! - `watchdog`: cleaning up after a process that died without `Drop`.
+//! - `watchdog`: cleaning up after a process that died without `Drop`;
+//! - `pgbouncer`: a throwaway PgBouncer in front of a cluster ([`TempPgBouncer`]).
 
 mod binaries;
 mod conf;
+mod pgbouncer;
 mod ports;
 mod runner;
 mod user;
@@ -58,6 +60,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 pub use binaries::{find_bindir, parse_major_version, BINDIR_ENV};
+pub use pgbouncer::{PgBouncerOptions, TempPgBouncer, PGBOUNCER_ENV};
 pub use user::OS_USER;
 
 use binaries::{check_bindir, is_executable, system_tool};

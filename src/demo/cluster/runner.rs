@@ -38,6 +38,15 @@ impl Runner {
         }
     }
 
+    /// A runner for programs that need no server libraries (e.g. PgBouncer).
+    pub(super) fn plain(as_user: Option<String>, cwd: &Path) -> Runner {
+        Runner {
+            as_user,
+            ld_library_path: None,
+            cwd: cwd.to_path_buf(),
+        }
+    }
+
     /// A command for `program`, as [`OS_USER`](super::OS_USER) when we are root.
     pub(super) fn command(&self, program: &Path) -> Command {
         let mut cmd = match &self.as_user {
