@@ -126,6 +126,10 @@ pub fn pollers(
     Ok((store, pollers))
 }
 
+/// How often the modification times of the targets files are compared with what they
+/// were when last read.
+const TARGETS_FILES_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Reads the configuration again (for `SIGHUP`): file, environment and CLI overrides.
 pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send>;
 
@@ -165,8 +169,20 @@ pub async fn run(
     let mut running = reload::Running::new(Arc::clone(&store));
     running.apply(&config, &catalog).await?;
     store.record_reload(true, std::time::SystemTime::now());
+    let shard = match config.shard {
+        Some(shard) => format!(
+            ", shard {shard}: {} of {} targets polled here",
+            config
+                .targets
+                .iter()
+                .filter(|t| config.owns(&t.name))
+                .count(),
+            config.targets.len()
+        ),
+        None => String::new(),
+    };
     tracing::info!(
-        "pgvigil {} listening on {scheme}://{addr}/metrics ({} targets, {} collectors)",
+        "pgvigil {} listening on {scheme}://{addr}/metrics ({} targets, {} collectors{shard})",
         env!("CARGO_PKG_VERSION"),
         config.targets.len(),
         catalog.collectors.len()
@@ -182,26 +198,47 @@ pub async fn run(
         http_stop_rx,
     ));
     let mut hup = hangups(reload.is_some());
+    // The targets files of the running configuration, compared every few seconds with
+    // what they were when read; a change reloads as a SIGHUP does.
+    let mut watch = reload
+        .as_ref()
+        .and_then(|_| config::fleet::TargetsWatch::of(&config));
+    let mut ticks = tokio::time::interval(TARGETS_FILES_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        let why = tokio::select! {
             _ = &mut shutdown => break,
-            _ = next_hangup(&mut hup) => {
-                let Some(reload) = &reload else { continue };
-                let applied = match reread(reload, config.listen) {
-                    Ok((next, catalog)) => running.apply(&next, &catalog).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e),
-                };
-                match applied {
-                    Ok(summary) => {
-                        store.record_reload(true, std::time::SystemTime::now());
-                        tracing::info!("configuration reloaded: {summary}");
-                    }
-                    Err(e) => {
-                        store.record_reload(false, std::time::SystemTime::now());
-                        tracing::error!("configuration reload rejected, the running configuration stays: {e}");
-                    }
+            _ = next_hangup(&mut hup) => "SIGHUP",
+            _ = ticks.tick(), if watch.is_some() => {
+                if !watch.as_mut().is_some_and(|w| w.changed()) {
+                    continue;
                 }
+                "targets files changed"
+            }
+        };
+        let Some(reload) = &reload else { continue };
+        let applied = match reread(reload, config.listen) {
+            Ok((next, catalog)) => {
+                let applied = running.apply(&next, &catalog).await;
+                if applied.is_ok() {
+                    // Watch what the new configuration names (its patterns may differ).
+                    watch = config::fleet::TargetsWatch::of(&next);
+                }
+                applied.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e),
+        };
+        match applied {
+            Ok(summary) => {
+                store.record_reload(true, std::time::SystemTime::now());
+                tracing::info!("configuration reloaded ({why}): {summary}");
+            }
+            Err(e) => {
+                store.record_reload(false, std::time::SystemTime::now());
+                tracing::error!(
+                    "configuration reload ({why}) rejected, the running configuration stays: {e}"
+                );
             }
         }
     }

@@ -118,6 +118,9 @@ pub struct Store {
     generation: AtomicU64,
     /// `None` until a configuration was loaded (e.g. never in `pgvigil once`).
     reload: Mutex<Option<ReloadHealth>>,
+    /// This instance's shard (`I/N`) and how many targets it owns; `None` until a
+    /// configuration was applied.
+    shard: Mutex<Option<(String, usize)>>,
 }
 
 impl Store {
@@ -180,6 +183,16 @@ impl Store {
 
     pub fn reload_health(&self) -> Option<ReloadHealth> {
         *self.reload.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the shard of the applied configuration and how many targets it owns.
+    pub fn record_shard(&self, shard: String, targets: usize) {
+        *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = Some((shard, targets));
+        self.bump();
+    }
+
+    pub fn shard(&self) -> Option<(String, usize)> {
+        self.shard.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn put(&self, key: Key, snapshot: Snapshot) {

@@ -187,6 +187,7 @@ impl Demo {
                 labels: Default::default(),
                 databases: Default::default(),
                 max_connections: Default::default(),
+                file: None,
             });
         }
         Ok(config)
