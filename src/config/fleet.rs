@@ -235,7 +235,13 @@ pub fn read_targets_file(path: &Path) -> Result<(Vec<TargetConfig>, String), Con
     if text.trim().is_empty() {
         return Ok((Vec::new(), text));
     }
-    let targets: Option<Vec<TargetConfig>> = yaml::parse(path, &text)?;
+    let targets: Option<Vec<TargetConfig>> = yaml::parse(path, &text).map_err(|mut e| {
+        // serde's path of an item of a top-level list is `.[2].dsn`.
+        if let Some(rest) = e.message.strip_prefix(".[") {
+            e.message = format!("[{rest}");
+        }
+        e
+    })?;
     Ok((targets.unwrap_or_default(), text))
 }
 
