@@ -214,7 +214,7 @@ pub async fn run(
                 if !watch.as_mut().is_some_and(|w| w.changed()) {
                     continue;
                 }
-                "targets files changed"
+                "a change of the targets files"
             }
         };
         let Some(reload) = &reload else { continue };
@@ -232,12 +232,12 @@ pub async fn run(
         match applied {
             Ok(summary) => {
                 store.record_reload(true, std::time::SystemTime::now());
-                tracing::info!("configuration reloaded ({why}): {summary}");
+                tracing::info!("configuration reloaded: {summary} (after {why})");
             }
             Err(e) => {
                 store.record_reload(false, std::time::SystemTime::now());
                 tracing::error!(
-                    "configuration reload ({why}) rejected, the running configuration stays: {e}"
+                    "configuration reload rejected (after {why}), the running configuration stays: {e}"
                 );
             }
         }

@@ -278,10 +278,17 @@ impl Store {
         });
     }
 
-    /// Every target is ready (see [`TargetHealth::ready`]).
+    /// Every target is ready (see [`TargetHealth::ready`]). With no target, ready once a
+    /// configuration was applied: a fleet shard that owns none, or targets files that name
+    /// none yet, have nothing to wait for.
     pub fn ready(&self) -> bool {
         let t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
-        !t.is_empty() && t.values().all(|h| h.ready)
+        let applied = self
+            .shard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        (applied || !t.is_empty()) && t.values().all(|h| h.ready)
     }
 }
 

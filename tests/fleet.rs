@@ -164,7 +164,7 @@ fn an_edited_targets_file_is_picked_up_and_a_broken_one_rejected_with_file_and_l
     let took = edited.elapsed();
     println!("targets file edit picked up and the new target polled in {took:?}");
     assert!(took <= interval, "took {took:?}, more than one interval");
-    let line = child.wait_for_log("configuration reloaded (targets files changed)", WAIT);
+    let line = child.wait_for_log("(after a change of the targets files)", WAIT);
     assert!(
         line.contains("1 targets unchanged, 0 changed, 1 added, 1 removed"),
         "{line}"
@@ -225,7 +225,7 @@ fn an_edited_targets_file_is_picked_up_and_a_broken_one_rejected_with_file_and_l
     });
     // A SIGHUP re-reads the targets files too (nothing changed: all kept).
     child.signal("HUP");
-    let line = child.wait_for_log("configuration reloaded (SIGHUP)", WAIT);
+    let line = child.wait_for_log("(after SIGHUP)", WAIT);
     assert!(
         line.contains("3 targets unchanged, 0 changed, 0 added, 0 removed"),
         "{line}"
@@ -233,4 +233,117 @@ fn an_edited_targets_file_is_picked_up_and_a_broken_one_rejected_with_file_and_l
     let log = child.stop();
     assert!(!log.contains("panicked"), "{}", tail(&log, 20));
     assert!(Path::new(&file).exists());
+}
+
+/// The reference deployment (`deploy/kubernetes/`): the ConfigMap's config and targets
+/// file, laid out as the StatefulSet mounts them, pass `check-config` for every pod
+/// ordinal, whose shards split the targets exactly; `PGVIGIL_SHARD`'s N is `replicas`.
+#[test]
+fn the_kubernetes_manifests_shard_the_config_map_targets_over_the_replicas() {
+    use serde_yaml_ng::Value;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let read = |name: &str| -> Value {
+        serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+    };
+    let sts = read("statefulset.yaml");
+    let replicas = sts["spec"]["replicas"].as_u64().unwrap() as usize;
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], Value::Bool(true));
+    assert_eq!(pod["securityContext"]["runAsUser"].as_u64(), Some(10001));
+    let container = &pod["containers"][0];
+    let shard = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "PGVIGIL_SHARD")
+        .and_then(|e| e["value"].as_str())
+        .unwrap();
+    assert_eq!(
+        shard,
+        format!("auto/{replicas}"),
+        "N must be the replica count"
+    );
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+
+    // The ConfigMap's keys where the volume's items put them.
+    let data = read("configmap.yaml")["data"].clone();
+    let mount = tempfile::tempdir().unwrap();
+    let secret = write(mount.path(), "password", "not-a-real-password\n");
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .unwrap();
+    for item in volume["configMap"]["items"].as_sequence().unwrap() {
+        let text = data[item["key"].as_str().unwrap()]
+            .as_str()
+            .unwrap()
+            .replace("/run/secrets/pgvigil/password", secret.to_str().unwrap());
+        let path = mount.path().join(item["path"].as_str().unwrap());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let config = mount.path().join("pgvigil.yaml");
+    let mut owned = Vec::new();
+    let mut all = BTreeSet::new();
+    for ordinal in 0..replicas {
+        let out = command()
+            .args(["check-config", config.to_str().unwrap()])
+            .env("PGVIGIL_SHARD", format!("{ordinal}/{replicas}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && text.ends_with("config OK\n"),
+            "pod {ordinal}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let name = |l: &str| l[2..].split(':').next().unwrap_or("").to_string();
+        let lines: Vec<&str> = text
+            .lines()
+            .skip_while(|l| *l != "targets:")
+            .skip(1)
+            .take_while(|l| l.starts_with("  ") || l.starts_with("* "))
+            .collect();
+        all.extend(lines.iter().map(|l| name(l)));
+        let mine: BTreeSet<String> = lines
+            .iter()
+            .filter(|l| l.starts_with("* "))
+            .map(|l| name(l))
+            .collect();
+        println!("pod pgvigil-{ordinal} (shard {ordinal}/{replicas}) polls {mine:?}");
+        owned.push(mine);
+    }
+    assert!(all.len() >= replicas, "{all:?}");
+    let union: BTreeSet<String> = owned.iter().flatten().cloned().collect();
+    assert_eq!(union, all);
+    assert_eq!(
+        owned.iter().map(BTreeSet::len).sum::<usize>(),
+        all.len(),
+        "each target owned by exactly one pod"
+    );
+}
+
+/// An instance with nothing to poll (its shard owns no target, or the targets files name
+/// none yet) is ready: a StatefulSet pod must not stay out of rotation for that.
+#[test]
+fn an_instance_without_targets_is_ready_and_says_it_owns_none() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("targets.d")).unwrap();
+    let config = write(
+        dir.path(),
+        "pgvigil.yaml",
+        "listen: 127.0.0.1:0\ntargets_files: [\"targets.d/*.yaml\"]\n",
+    );
+    let child = Pgvigil::start(["--config", config.to_str().unwrap()], &[]);
+    wait_until(WAIT, "/readyz 200", || get(&child.url("/readyz")).0 == 200);
+    let (_, body) = get(&child.url("/metrics"));
+    let s = parse(&body);
+    assert_eq!(
+        value(&s, "pgvigil_shard_targets", &[("shard", "0/1")]),
+        Some(0.0)
+    );
+    assert!(find(&s, "pg_up", &[]).is_empty(), "{body}");
 }
