@@ -14,7 +14,9 @@
 //!                                                        └─► trace spans ──► OTLP
 //! ```
 //!
-//! - [`config`]: the YAML config file, environment overrides, file:line errors.
+//! - [`config`]: the YAML config file, environment overrides, file:line errors; fleet mode
+//!   (`config::fleet`: which targets this instance's shard owns, targets files and their
+//!   watcher).
 //! - [`collector`]: collector packs (`queries/*.yaml`, compiled in, plus user packs) and
 //!   version resolution (`pack`); the background poll loop per target (`poller`: cluster
 //!   collectors on the main database, visits of the other databases within the target's
@@ -138,7 +140,8 @@ pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send>;
 /// re-reads the configuration: a valid one is applied target by target (see [`reload`]:
 /// unchanged targets keep running untouched; the listen address needs a restart); an
 /// invalid one is logged and ignored. Either way `pgvigil_config_last_reload_successful`
-/// says which.
+/// says which. A change of the config's targets files (looked at every 2 s)
+/// reloads the same way, without a `SIGHUP`.
 pub async fn run(
     config: Config,
     reload: Option<Reload>,
