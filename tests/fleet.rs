@@ -79,6 +79,29 @@ fn two_shards_split_twenty_targets_each_polled_by_exactly_one() {
         owned_by_plan.push(owned);
     }
 
+    // A shard that cannot be: a clear error, from the command line or the config.
+    let out = command()
+        .args(["check-config", paths[0].to_str().unwrap(), "--shard", "2/2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("index 2 must be less than total 2"), "{err}");
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        &config(0).replace("index: 0, total: 2", "index: 0, total: 0"),
+    );
+    let out = command()
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:2:") && err.contains("shard.total: total must be at least 1"),
+        "{err}"
+    );
+
     let children = paths.map(|p| Pgvigil::start(["--config", p.to_str().unwrap()], &[]));
     let mut seen = Vec::new();
     for (i, child) in children.iter().enumerate() {

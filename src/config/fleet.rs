@@ -150,8 +150,9 @@ fn score(name: &str, shard: usize) -> u64 {
 }
 
 /// The files `patterns` name now, sorted, each once. Relative patterns are relative to
-/// `base` (the config file's directory). A pattern that matches nothing is not an error
-/// (a directory of target files may be empty for a while).
+/// `base` (the config file's directory); hidden files only when the pattern says so. A
+/// pattern that matches nothing is not an error (a directory of target files may be empty
+/// for a while).
 pub fn expand(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, (usize, String)> {
     let mut files = std::collections::BTreeSet::new();
     for (i, p) in patterns.iter().enumerate() {
@@ -160,7 +161,13 @@ pub fn expand(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, (usize, 
         } else {
             base.join(p).to_string_lossy().into_owned()
         };
-        let paths = glob::glob(&full)
+        // Like a shell: `*` skips hidden files (editor swap and lock files, `..data` of a
+        // mounted ConfigMap).
+        let options = glob::MatchOptions {
+            require_literal_leading_dot: true,
+            ..glob::MatchOptions::new()
+        };
+        let paths = glob::glob_with(&full, options)
             .map_err(|e| (i, format!("targets_files[{i}]: invalid pattern {p:?}: {e}")))?;
         for path in paths {
             match path {

@@ -914,6 +914,7 @@ mod tests {
         .unwrap();
         std::fs::write(d.join("targets/b.yaml"), "").unwrap();
         std::fs::write(d.join("targets/ignored.txt"), "not yaml: [").unwrap();
+        std::fs::write(d.join("targets/.#a.yaml"), "not yaml: [").unwrap();
         let c = Config::load(&config).unwrap();
         let names: Vec<&str> = c.targets.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["main", "a1", "a2"]);
