@@ -1,6 +1,7 @@
 //! pgvigil's own metrics (`pg_up`, `pgvigil_collector_*` including `…_skipped`,
-//! `…_series` and how database visits keep up, `pgvigil_spans_*`,
-//! `pgvigil_config_last_reload_*`, `pgvigil_shard_targets`, `pgvigil_build_info`), built for each exposition from
+//! `…_series` and how database visits keep up, `pgvigil_spans_*`, `pgvigil_explain_*`,
+//! `pgvigil_config_last_reload_*`, `pgvigil_shard_targets`,
+//! `pgvigil_build_info`), built for each exposition from
 //! the health the store keeps.
 
 use std::sync::Arc;
@@ -145,6 +146,31 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
             });
         }
     }
+    let mut explained = family(
+        "pgvigil_explain_total",
+        "EXPLAIN (GENERIC_PLAN) statements run for slow-query spans (tracing.explain), whatever their outcome.",
+        MetricType::Counter,
+    );
+    let mut explain_skipped = family(
+        "pgvigil_explain_skipped_total",
+        "Slow-query spans that got no plan (tracing.explain), by reason (version, truncated, not_plannable, permission, budget, timeout, error).",
+        MetricType::Counter,
+    );
+    for h in targets.values() {
+        let Some(explain) = &h.explain else { continue };
+        explained.samples.push(Sample {
+            labels: h.labels.clone(),
+            value: explain.run as f64,
+        });
+        for (reason, n) in &explain.skipped {
+            let mut l = h.labels.clone();
+            l.push((Arc::from("reason"), reason.to_string()));
+            explain_skipped.samples.push(Sample {
+                labels: l,
+                value: *n as f64,
+            });
+        }
+    }
     let mut reload_ok = family(
         "pgvigil_config_last_reload_successful",
         "1 if the last configuration load (at start or on SIGHUP) was applied, 0 if it was rejected.",
@@ -184,8 +210,23 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
         value: 1.0,
     });
     vec![
-        up, duration, errors, skipped, series, success, behind, oldest, exported, dropped,
-        truncated, reload_ok, reload_at, shard, build,
+        up,
+        duration,
+        errors,
+        skipped,
+        series,
+        success,
+        behind,
+        oldest,
+        exported,
+        dropped,
+        truncated,
+        explained,
+        explain_skipped,
+        reload_ok,
+        reload_at,
+        shard,
+        build,
     ]
 }
 

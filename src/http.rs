@@ -33,6 +33,8 @@ use crate::web::Web;
 pub struct Server {
     /// The process's one store (a reload changes what writes into it, not the store).
     store: Arc<Store>,
+    /// Targets registered by `/probe?…&auth_module=`; the run loop polls them.
+    registry: Arc<crate::probe::Registry>,
     /// Last encoded body per format, with the store generation it was made from.
     cache: Mutex<Vec<(Format, u64, Bytes)>>,
 }
@@ -41,12 +43,66 @@ impl Server {
     pub fn new(store: Arc<Store>) -> Arc<Server> {
         Arc::new(Server {
             store,
+            registry: Arc::default(),
             cache: Mutex::new(Vec::new()),
         })
     }
 
     fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The targets `/probe` registered, for the run loop.
+    pub fn registry(&self) -> Arc<crate::probe::Registry> {
+        Arc::clone(&self.registry)
+    }
+
+    /// Before `/probe?target=T&auth_module=M` is answered: registers `T` if it is neither
+    /// configured nor registered yet, and waits (within Prometheus' scrape timeout, less
+    /// half a second; 10 s without the header) until its first poll cycle is done. An
+    /// error response for an unknown module or a malformed target.
+    async fn register_probed(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        let params = query_params(req.uri().query());
+        let module_name = params.get("auth_module")?;
+        let target = params.get("target").filter(|t| !t.is_empty())?;
+        let Some(module) = self.registry.module(module_name) else {
+            return Some(text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unknown auth_module {module_name:?}: name one of the config's auth_modules\n"
+                ),
+            ));
+        };
+        if self.store().has_target(target) && !self.registry.knows(target) {
+            return None; // configured: served like any configured target
+        }
+        let config = match crate::probe::target_config(target, &module) {
+            Ok(c) => c,
+            Err(e) => return Some(text(StatusCode::BAD_REQUEST, format!("{e}\n"))),
+        };
+        self.registry.probed(target, || config);
+        let budget = req
+            .headers()
+            .get("x-prometheus-scrape-timeout-seconds")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map_or(Duration::from_secs(10), |s| {
+                Duration::from_secs_f64((s - 0.5).clamp(0.1, 120.0))
+            });
+        let deadline = Instant::now() + budget;
+        while Instant::now() < deadline {
+            let ready = self
+                .store()
+                .targets()
+                .get(target.as_str())
+                .is_some_and(|t| t.ready);
+            if ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
     }
 
     /// The `/metrics` body in `format`, from cache when the store has not changed.
@@ -71,6 +127,42 @@ impl Server {
         body
     }
 
+    /// `/probe?target=NAME`: only that target's series, with its own `pg_up` and
+    /// self-metrics (samples whose `target` label is NAME), for a Prometheus job per
+    /// target. Encoded per request: one target's series are few.
+    fn probe(&self, query: Option<&str>, format: Format) -> Response<Full<Bytes>> {
+        let target = query_params(query).remove("target");
+        let Some(target) = target.filter(|t| !t.is_empty()) else {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "missing ?target=NAME (a target name from the configuration)\n",
+            );
+        };
+        let store = self.store();
+        if !store.has_target(&target) {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("unknown target {target:?}: /probe?target= takes the name of a configured target, or HOST:PORT/DB with &auth_module=NAME\n"),
+            );
+        }
+        let mut own = crate::health::self_metrics(store);
+        for f in &mut own {
+            f.samples.retain(|s| {
+                s.labels
+                    .iter()
+                    .any(|(k, v)| &**k == "target" && *v == target)
+            });
+        }
+        own.retain(|f| !f.samples.is_empty());
+        let body = exposition::encode(store.snapshots_of(&target), own, format);
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(format.content_type()),
+        );
+        resp
+    }
+
     fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
@@ -85,6 +177,10 @@ impl Server {
                     HeaderValue::from_static(format.content_type()),
                 );
                 resp
+            }
+            "/probe" => {
+                let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+                self.probe(req.uri().query(), Format::from_accept(accept))
             }
             "/healthz" => plain(StatusCode::OK, "ok\n"),
             "/readyz" => {
@@ -111,6 +207,31 @@ impl Server {
             _ => plain(StatusCode::NOT_FOUND, "not found; try /metrics\n"),
         }
     }
+}
+
+/// The query string's parameters, percent-decoded (the last of a repeated name wins).
+fn query_params(query: Option<&str>) -> BTreeMap<String, String> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -264,6 +385,11 @@ async fn serve_connection<S>(
                 let header = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
                 if !web.authorize(header).await {
                     return Ok::<_, Infallible>(unauthorized());
+                }
+            }
+            if req.uri().path() == "/probe" {
+                if let Some(refused) = server.register_probed(&req).await {
+                    return Ok(refused);
                 }
             }
             Ok(server.handle(&req))

@@ -11,7 +11,7 @@
 //!                                    store ──► exposition (+ health) ──► http (/metrics)
 //!
 //! trace sampler ──(postgres::slot)──► pg_stat_activity ─┬─► trace::load (DB load) ──► store
-//!                                                        └─► trace spans ──► OTLP
+//!                                                        └─► trace spans ──(trace::explain)──► OTLP
 //! ```
 //!
 //! - [`config`]: the YAML config file, environment overrides, file:line errors; fleet mode
@@ -41,7 +41,9 @@
 //!   running the query of the `activity` collector in `queries/dbload.yaml`, which the
 //!   poller skips), DB load (`trace::load`: the sampler's rows → the pack's
 //!   `pg_activity_active_seconds_total`, stored like a collector's snapshot), traceparent
-//!   parsing, slow-query spans, OTLP export (or the console, for the demo).
+//!   parsing, slow-query spans, their generic plans (`trace::explain`, opt-in), OTLP
+//!   export (or the console, for the demo); pgvigil's own poll and collector spans
+//!   (`trace::selfspans`, opt-in).
 //! - [`metric`]: the metric model every stage passes on (type, family, sample).
 //! - [`sql`]: SQL lexing: literal masking for text that leaves the process.
 //! - [`yaml`]: YAML → typed values with file, line and field in every error.
@@ -57,6 +59,7 @@ pub mod health;
 pub mod http;
 pub mod metric;
 pub mod postgres;
+pub mod probe;
 pub mod reload;
 pub mod sql;
 pub mod store;
@@ -65,6 +68,7 @@ pub mod web;
 pub mod yaml;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -132,6 +136,12 @@ pub fn pollers(
 /// were when last read.
 const TARGETS_FILES_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long stopping may take after the shutdown signal, before the cancel requests of
+/// aborted queries (≤ 1 s) and the runtime's own shutdown (≤ 1 s, `main.rs`): together the
+/// process exits within 5 s of SIGTERM or SIGINT, however slow a target or the OTLP
+/// receiver.
+pub const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Reads the configuration again (for `SIGHUP`): file, environment and CLI overrides.
 pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send>;
 
@@ -171,6 +181,9 @@ pub async fn run(
     let store = Store::new();
     let mut running = reload::Running::new(Arc::clone(&store));
     running.apply(&config, &catalog).await?;
+    if config.tracing.self_spans {
+        start_self_spans(&config)?;
+    }
     store.record_reload(true, std::time::SystemTime::now());
     let shard = match config.shard {
         Some(shard) => format!(
@@ -192,6 +205,11 @@ pub async fn run(
     );
     on_listen(addr);
     let server = http::Server::new(Arc::clone(&store));
+    let registry = server.registry();
+    registry.set_modules(config.auth_modules.clone());
+    // The configuration in force (without the targets /probe registered) and its packs.
+    let mut current = (config.clone(), catalog);
+    let mut expiry = tokio::time::interval(std::time::Duration::from_secs(5));
     let (http_stop, http_stop_rx) = watch::channel(false);
     let serving = tokio::spawn(http::serve_secured(
         listener,
@@ -212,6 +230,22 @@ pub async fn run(
     loop {
         let why = tokio::select! {
             _ = &mut shutdown => break,
+            _ = registry.changed() => {
+                let (base, catalog) = &current;
+                if let Err(e) = running.apply(&with_probed(base, &registry), catalog).await {
+                    tracing::error!("cannot start a target registered by /probe: {e}");
+                }
+                continue;
+            }
+            _ = expiry.tick() => {
+                if registry.expire(current.0.probe.forget_after.0) {
+                    let (base, catalog) = &current;
+                    if let Err(e) = running.apply(&with_probed(base, &registry), catalog).await {
+                        tracing::error!("cannot drop a target registered by /probe: {e}");
+                    }
+                }
+                continue;
+            }
             _ = next_hangup(&mut hup) => "SIGHUP",
             _ = ticks.tick(), if watch.is_some() => {
                 if !watch.as_mut().is_some_and(|w| w.changed()) {
@@ -223,12 +257,17 @@ pub async fn run(
         let Some(reload) = &reload else { continue };
         let applied = match reread(reload, config.listen) {
             Ok((next, catalog)) => {
-                let applied = running.apply(&next, &catalog).await;
-                if applied.is_ok() {
+                let r = running
+                    .apply(&with_probed(&next, &registry), &catalog)
+                    .await
+                    .map_err(|e| e.to_string());
+                if r.is_ok() {
+                    registry.set_modules(next.auth_modules.clone());
                     // Watch what the new configuration names (its patterns may differ).
                     watch = config::fleet::TargetsWatch::of(&next);
+                    current = (next, catalog);
                 }
-                applied.map_err(|e| e.to_string())
+                r
             }
             Err(e) => Err(e),
         };
@@ -247,8 +286,59 @@ pub async fn run(
     }
     tracing::info!("shutting down");
     let _ = http_stop.send(true);
-    let _ = serving.await;
-    running.stop().await;
+    let stopping = async {
+        let _ = serving.await;
+        // Aborts the polls in flight (their queries are cancelled on the server), then
+        // flushes the spans (at most 3 s: an unreachable receiver does not hold us).
+        running.stop().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_LIMIT, stopping)
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown: gave up waiting after {SHUTDOWN_LIMIT:?}");
+    }
+    postgres::slot::finish_cancels(Duration::from_secs(1)).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `config` plus the targets `/probe` registered (those whose name the configuration does not
+/// already use).
+fn with_probed(config: &Config, registry: &probe::Registry) -> Config {
+    let mut c = config.clone();
+    for t in registry.targets() {
+        if !c.targets.iter().any(|o| o.name == t.name) {
+            c.targets.push(t);
+        }
+    }
+    c
+}
+
+/// `tracing.self`: sends pgvigil's own spans to the tracing endpoint, when the binary
+/// installed their layer at start (see `trace::selfspans`).
+fn start_self_spans(config: &Config) -> Result<(), StartError> {
+    let Some(endpoint) = trace::endpoint(&config.tracing, &process_env)? else {
+        tracing::warn!(
+            "tracing.self is on but no OTLP endpoint is set: pgvigil's own spans are not sent"
+        );
+        return Ok(());
+    };
+    let service = config
+        .tracing
+        .service_name
+        .clone()
+        .or_else(|| process_env("OTEL_SERVICE_NAME"))
+        .unwrap_or_else(|| "pgvigil".to_string());
+    match trace::selfspans::export(&endpoint, &service) {
+        Ok(true) => tracing::info!(
+            "tracing.self: pgvigil's poll and collector spans go to the tracing endpoint"
+        ),
+        Ok(false) => tracing::warn!(
+            "tracing.self: no span layer was installed at start (turning it on takes a restart)"
+        ),
+        Err(e) => tracing::warn!("tracing.self: {e}"),
+    }
     Ok(())
 }
 

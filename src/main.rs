@@ -48,6 +48,13 @@ enum Command {
     CheckConfig {
         /// Config or pack file to check (default: --config, or the environment-only setup).
         file: Option<PathBuf>,
+        /// Also connect to every target and run every collector once: prints per target
+        /// and collector ok / missing extension / missing privilege (with the grant that
+        /// fixes it) / no variant for this version / error. Exit 0 when every target
+        /// answered and nothing needs fixing (skips the packs declare are fine), 2 when a
+        /// target is unreachable or a collector failed or lacks a privilege.
+        #[arg(long)]
+        connect: bool,
     },
     /// Poll every collector once and print the metrics text (for debugging a pack).
     Once,
@@ -76,7 +83,7 @@ fn main() -> ExitCode {
     // Before any thread starts: it changes the process environment.
     pgvigil::trace::export::take_compression_env();
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    init_logging(&cli.log_format, self_spans_wanted(&cli));
     raise_open_file_limit();
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -88,6 +95,10 @@ fn main() -> ExitCode {
             eprintln!("pgvigil: {n} problem(s) while polling; the metrics above are incomplete");
             ExitCode::from(2)
         }
+        Err(Failure::Problems(n)) => {
+            eprintln!("pgvigil: {n} problem(s) found on the targets (see above)");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -96,6 +107,8 @@ fn main() -> ExitCode {
 enum Failure {
     Error(String),
     Partial(usize),
+    /// `check-config --connect`: unreachable targets and collectors to fix (exit 2).
+    Problems(usize),
 }
 
 impl From<String> for Failure {
@@ -169,18 +182,46 @@ fn raise_open_file_limit() {
     }
 }
 
-fn init_logging(format: &str) {
+/// Logs to stderr, filtered by `PGVIGIL_LOG` (default `info`). With `self_spans`
+/// (`tracing.self`), the layer that turns pgvigil's own poll and collector spans into
+/// OpenTelemetry spans is installed beside it, with its own filter; without, it is not
+/// installed at all.
+fn init_logging(format: &str, self_spans: bool) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGVIGIL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
+    let log = if format == "json" {
+        fmt.json().with_filter(filter).boxed()
     } else {
-        builder.init();
+        fmt.with_filter(filter).boxed()
+    };
+    let registry = tracing_subscriber::registry().with(log);
+    if self_spans {
+        registry.with(pgvigil::trace::selfspans::layer()).init();
+    } else {
+        registry.init();
     }
+}
+
+/// Whether the server about to run has `tracing.self: true`: its configuration read once
+/// before logging exists, silently (the real read, with its warnings and errors, follows).
+fn self_spans_wanted(cli: &Cli) -> bool {
+    if cli.command.is_some() {
+        return false;
+    }
+    tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
+        let over = Overrides {
+            listen: cli.listen,
+            web: None,
+            shard: cli.shard,
+        };
+        load_config(cli.config.as_ref(), over).is_ok_and(|c| c.tracing.self_spans)
+    })
 }
 
 /// `--shard I/N` or `auto/N` (see [`pgvigil::config::Shard::parse_arg`]).
@@ -248,16 +289,21 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
                 };
                 load_config(path.as_ref(), cli)
             });
-            runtime()?
+            let rt = runtime()?;
+            let result = rt
                 .block_on(pgvigil::run(
                     config,
                     Some(reload),
                     shutdown_signal(),
                     |_| {},
                 ))
-                .map_err(|e| Failure::Error(e.to_string()))
+                .map_err(|e| Failure::Error(e.to_string()));
+            // Tasks still running (a span export stuck on a dead receiver) do not hold the
+            // exit past the bound `pgvigil::SHUTDOWN_LIMIT` states.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
-        Some(Command::CheckConfig { file }) => {
+        Some(Command::CheckConfig { file, connect }) => {
             let file = file.as_ref().or(cli.config.as_ref());
             if let Some(path) = file {
                 // A pack file on its own: validate it against the built-in packs.
@@ -282,7 +328,17 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
                 "{}config OK\n",
                 pgvigil::collector::plan_text(&config, &catalog)
             ));
-            Ok(())
+            if !connect {
+                return Ok(());
+            }
+            let report = runtime()?
+                .block_on(pgvigil::collector::check::run(&config, &catalog))
+                .map_err(|e| e.to_string())?;
+            stdout(&report.text());
+            match report.problems() {
+                0 => Ok(()),
+                n => Err(Failure::Problems(n)),
+            }
         }
         Some(Command::Once) => {
             let config = load_config(cli.config.as_ref(), Overrides { web: None, ..over })?;

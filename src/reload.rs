@@ -25,6 +25,8 @@ use crate::{process_env, trace, StartError};
 
 /// How long a stopped sampler may take to export its last spans.
 const TRACING_FLUSH: Duration = Duration::from_secs(15);
+/// The same at process shutdown, within its bound (see `SHUTDOWN_LIMIT` in `lib.rs`).
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 
 /// A target's configuration in a form that compares: equal specs poll the same way.
 ///
@@ -245,7 +247,9 @@ impl Running {
                     let mut old = old.take().expect("Replace implies a running target");
                     old.stop_poller().await;
                     let (stop, stop_rx) = watch::channel(false);
-                    let poller = self.poller(&target, config, &collectors);
+                    // The budget carries over: a kept sampler's EXPLAINs take sessions from it.
+                    let budget = old.poller.budget_to_share(&target);
+                    let poller = self.poller(&target, config, &collectors, budget);
                     poller.inherit_states(&old.poller, &inherit);
                     self.store.retain_collectors(&target.name, &names);
                     let tasks = poller.spawn(stop_rx);
@@ -260,7 +264,7 @@ impl Running {
                 Change::Start => {
                     summary.added += 1;
                     let (stop, stop_rx) = watch::channel(false);
-                    let poller = self.poller(&target, config, &collectors);
+                    let poller = self.poller(&target, config, &collectors, None);
                     if was_ready {
                         // A target added by a reload does not take a serving pgvigil out
                         // of rotation: `/readyz` is about the process, which is serving.
@@ -285,9 +289,12 @@ impl Running {
                     .iter()
                     .filter(|c| c.run_by == crate::collector::pack::RunBy::ActivitySampler)
                     .collect();
+                // `max_connections` too: the EXPLAINs of `tracing.explain` take sessions
+                // from the poller's budget of that size.
                 format!(
-                    "{} {:?} {} {:?} {:?} {:?}",
+                    "{} max_connections {} {:?} {} {:?} {:?} {:?}",
                     running.spec.base,
+                    target.max_connections,
                     config.tracing,
                     plan.files_key(),
                     config.activity,
@@ -301,7 +308,8 @@ impl Running {
                 }
                 if let (Some(plan), Some(key)) = (&tracing, key) {
                     let (stop, stop_rx) = watch::channel(false);
-                    match plan.start(&target, &self.store, stop_rx) {
+                    let budget = Some(running.poller.connection_budget());
+                    match plan.start(&target, &self.store, budget, stop_rx) {
                         Ok(tracing) => running.sampler = Some(Sampler { key, stop, tracing }),
                         // The poller runs (and stays tracked); the error is reported below.
                         Err(e) => failed = failed.or(Some(e)),
@@ -328,14 +336,16 @@ impl Running {
         target: &Target,
         config: &Config,
         collectors: &Arc<Vec<CollectorDef>>,
+        budget: Option<Arc<tokio::sync::Semaphore>>,
     ) -> Arc<TargetPoller> {
-        TargetPoller::new(
+        TargetPoller::sharing(
             target.clone(),
             Arc::clone(collectors),
             config.collectors.defaults,
             config.statements,
             config.tables,
             Arc::clone(&self.store),
+            budget,
         )
     }
 
@@ -346,7 +356,7 @@ impl Running {
             t.stop_poller().await;
             if let Some(s) = t.sampler.take() {
                 let _ = s.stop.send(true);
-                flushing.push(s.tracing.finish(TRACING_FLUSH));
+                flushing.push(s.tracing.finish(SHUTDOWN_FLUSH));
             }
         }
         futures_util::future::join_all(flushing).await;

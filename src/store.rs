@@ -84,6 +84,17 @@ pub struct TargetHealth {
     pub collectors: BTreeMap<String, CollectorHealth>,
     /// Slow-query spans, when tracing is on: exported, and dropped by reason.
     pub spans: Option<SpanCounts>,
+    /// Plans of slow spans, when `tracing.explain` is on.
+    pub explain: Option<ExplainCounts>,
+}
+
+/// EXPLAIN counters of a target (`tracing.explain`).
+#[derive(Debug, Clone, Default)]
+pub struct ExplainCounts {
+    /// EXPLAINs run (whatever their outcome).
+    pub run: u64,
+    /// Spans left without a plan, by reason.
+    pub skipped: BTreeMap<&'static str, u64>,
 }
 
 /// Span counters of a target.
@@ -224,6 +235,21 @@ impl Store {
         s.values().cloned().collect()
     }
 
+    /// The current snapshots of one target (for `/probe?target=`).
+    pub fn snapshots_of(&self, target: &str) -> Vec<Arc<Snapshot>> {
+        let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
+        s.iter()
+            .filter(|((t, _, _), _)| t == target)
+            .map(|(_, v)| Arc::clone(v))
+            .collect()
+    }
+
+    /// Whether `target` is configured (registered), polled yet or not.
+    pub fn has_target(&self, target: &str) -> bool {
+        let t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        t.contains_key(target)
+    }
+
     /// Series per (target, collector), all databases together (`pgvigil_collector_series`).
     pub fn series_counts(&self) -> BTreeMap<(String, String), usize> {
         let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
@@ -274,6 +300,29 @@ impl Store {
             match reason {
                 None => counts.exported += n,
                 Some(r) => *counts.dropped.entry(r).or_insert(0) += n,
+            }
+        });
+    }
+
+    /// Turns on the EXPLAIN counters of a target, every skip reason at 0.
+    pub fn enable_explain(&self, target: &str, reasons: &[&'static str]) {
+        self.update_target(target, |h| {
+            let counts = h.explain.get_or_insert_with(ExplainCounts::default);
+            for r in reasons {
+                counts.skipped.entry(r).or_insert(0);
+            }
+        });
+    }
+
+    /// Counts an EXPLAIN run (`ran`) and, when the span got no plan, the reason.
+    pub fn count_explain(&self, target: &str, ran: bool, skipped: Option<&'static str>) {
+        self.update_target(target, |h| {
+            let counts = h.explain.get_or_insert_with(ExplainCounts::default);
+            if ran {
+                counts.run += 1;
+            }
+            if let Some(r) = skipped {
+                *counts.skipped.entry(r).or_insert(0) += 1;
             }
         });
     }

@@ -166,6 +166,12 @@ fn https_with_basic_auth_refuses_wrong_and_unknown_users_alike() {
         &["-u", "prometheus:s3cret", "-D", "-", "-o", "/dev/null"],
     );
     assert_eq!(code, 200);
+    // /probe is behind the same auth.
+    let probe = format!("https://{}/probe?target=a", pg.addr());
+    assert_eq!(curl(d, &probe, &[]).0, 401);
+    let (code, body) = curl(d, &probe, &["-u", "prometheus:s3cret"]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("pg_up{target=\"a\"} 0"), "{body}");
     // Liveness and readiness stay open for probes without credentials.
     assert_eq!(
         curl(d, &format!("https://{}/healthz", pg.addr()), &[]).0,

@@ -1,6 +1,8 @@
 //! Collectors: the pack format (`pack`), rows → families (`rows`) and the per-target poll
-//! loop (`poller`), plus the plan printout of `pgvigil check-config`.
+//! loop (`poller`), plus the plan printout of `pgvigil check-config` and, with `--connect`,
+//! each collector tried once on each target (`check`).
 
+pub mod check;
 pub mod names;
 pub mod pack;
 pub mod poller;

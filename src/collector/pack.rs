@@ -788,6 +788,17 @@ impl Catalog {
         Catalog::from_files(files, &config.disable, config.source.as_ref())
     }
 
+    /// One user pack given as text (`path` names it in errors), without the built-in
+    /// packs: the parser on its own, for fuzzing and tools.
+    pub fn from_pack_text(path: &std::path::Path, text: &str) -> Result<Catalog, PackError> {
+        let file = Loaded {
+            path: path.to_path_buf(),
+            text: text.to_string(),
+            builtin: false,
+        };
+        Catalog::from_files(vec![file], &[], None)
+    }
+
     fn from_files(
         files: Vec<Loaded>,
         disable: &[String],

@@ -16,6 +16,10 @@
 //! the target's health (`pg_up`, `/readyz`), running each collector's query and turning
 //! rows into snapshots. Results go to the snapshot store; failures are counted and logged
 //! (rate-limited) and never stop other collectors or targets.
+//!
+//! Each poll (a cluster-scope collector's run, or a round of visits) is a `tracing` span
+//! with a span per collector query in it ([`selfspans`]): exported with `tracing.self`,
+//! free otherwise.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +30,7 @@ use futures_util::StreamExt;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_postgres::Row;
+use tracing::Instrument;
 
 use crate::collector::names::{NameCache, Relations};
 use crate::collector::pack::{CacheKind, CollectorDef, Scope};
@@ -34,6 +39,7 @@ use crate::config::{CollectorDefaults, StatementsConfig, TablesConfig, Target};
 use crate::postgres::slot::{Event, Slot, SlotGuard};
 use crate::postgres::{dsn, ErrorKind, PgError};
 use crate::store::{Snapshot, Store, Visits};
+use crate::trace::selfspans;
 
 /// How often the database list for `scope: database` collectors is refreshed.
 const DISCOVERY_EVERY: Duration = Duration::from_secs(60);
@@ -79,6 +85,23 @@ impl TargetPoller {
         tables: TablesConfig,
         store: Arc<Store>,
     ) -> Arc<TargetPoller> {
+        TargetPoller::sharing(
+            target, collectors, defaults, statements, tables, store, None,
+        )
+    }
+
+    /// [`TargetPoller::new`] with the connection budget of a poller it replaces (see
+    /// [`TargetPoller::budget_to_share`]), so the sessions of both, and those that other
+    /// parts opened from that budget, never exceed `max_connections` together.
+    pub fn sharing(
+        target: Target,
+        collectors: Arc<Vec<CollectorDef>>,
+        defaults: CollectorDefaults,
+        statements: StatementsConfig,
+        tables: TablesConfig,
+        store: Arc<Store>,
+        budget: Option<Arc<Semaphore>>,
+    ) -> Arc<TargetPoller> {
         let base_labels: Vec<(Arc<str>, String)> = target
             .labels
             .iter()
@@ -87,7 +110,8 @@ impl TargetPoller {
         store.add_target(&target.name, base_labels.clone());
         let pending = collectors.iter().map(|c| c.name.0.clone()).collect();
         Arc::new(TargetPoller {
-            budget: Arc::new(Semaphore::new(target.max_connections.max(1))),
+            budget: budget
+                .unwrap_or_else(|| Arc::new(Semaphore::new(target.max_connections.max(1)))),
             target,
             store,
             defaults,
@@ -103,6 +127,17 @@ impl TargetPoller {
             tables,
             states: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The target's connection budget (`max_connections`): a permit per open session,
+    /// shared with the sessions of `tracing.explain`.
+    pub fn connection_budget(&self) -> Arc<Semaphore> {
+        Arc::clone(&self.budget)
+    }
+
+    /// This poller's budget, for a successor whose target has the same `max_connections`.
+    pub fn budget_to_share(&self, next: &Target) -> Option<Arc<Semaphore>> {
+        (next.max_connections == self.target.max_connections).then(|| Arc::clone(&self.budget))
     }
 
     fn main_db(&self) -> String {
@@ -229,13 +264,49 @@ impl TargetPoller {
     pub async fn poll_collector(&self, def: &CollectorDef) {
         match def.scope {
             Scope::Cluster => {
-                let started = Instant::now();
-                let result = self.run_cluster(def).await;
-                self.record(def, "", result, started.elapsed());
-                self.first_run_done(def);
+                let poll = selfspans::poll(&self.target.name);
+                let span = selfspans::collector(&self.target.name, &def.name.0, &self.main_db());
+                let run = async {
+                    let started = Instant::now();
+                    let result = self.run_cluster(def).instrument(span.clone()).await;
+                    if let Err(e) = &result {
+                        if e.kind.skip_reason().is_none() {
+                            selfspans::error(&span, &e.message);
+                        }
+                    }
+                    self.record(def, "", result, started.elapsed());
+                    self.first_run_done(def);
+                };
+                run.instrument(poll).await
             }
             Scope::Database => self.visit_round(&[def]).await,
         }
+    }
+
+    /// Runs `def` once on the main database and says how it went: its query and the
+    /// processing of its rows, as a poll would, but nothing reaches the store (for
+    /// `check-config --connect`, which reports per collector).
+    pub async fn try_collector(&self, def: &CollectorDef) -> Result<(), PgError> {
+        let main = self.main_db();
+        let mut slot = self.acquire(&main).await?;
+        let rows = self.query(&mut slot, def, &main).await;
+        self.release(slot, &main);
+        if let Some(rows) = rows? {
+            self.process(def, "", &rows)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `sql` on the main database's session with the default timeouts (for
+    /// `check-config --connect`: connecting, and reading a setting).
+    pub async fn query_main(&self, sql: &str) -> Result<Vec<Row>, PgError> {
+        let main = self.main_db();
+        let mut slot = self.acquire(&main).await?;
+        let rows = slot
+            .query(sql, self.defaults.timeout.0, self.defaults.lock_timeout.0)
+            .await;
+        self.release(slot, &main);
+        rows
     }
 
     fn key(&self, def: &CollectorDef, db: &str) -> (String, String, String) {
@@ -261,6 +332,13 @@ impl TargetPoller {
         if defs.is_empty() {
             return;
         }
+        self.round(defs)
+            .instrument(selfspans::poll(&self.target.name))
+            .await
+    }
+
+    /// [`TargetPoller::visit_round`] within its poll span.
+    async fn round(&self, defs: &[&CollectorDef]) {
         let dbs = self.databases().await;
         for def in defs {
             self.store
@@ -347,6 +425,7 @@ impl TargetPoller {
         let mut slot = match self.acquire(db).await {
             Ok(s) => s,
             Err(e) => {
+                selfspans::error(&tracing::Span::current(), &e.message);
                 for def in defs {
                     self.store.remove(&self.key(def, db));
                     self.report(def, db, &e);
@@ -356,7 +435,8 @@ impl TargetPoller {
         };
         let mut results = Vec::with_capacity(defs.len());
         for def in defs {
-            results.push(self.query(&mut slot, def, db).await);
+            let span = selfspans::collector(&self.target.name, &def.name.0, db);
+            results.push(self.query(&mut slot, def, db).instrument(span).await);
         }
         self.release(slot, db);
         defs.iter()
@@ -433,7 +513,9 @@ impl TargetPoller {
         let rows = slot
             .query(&variant.sql, timeout, self.defaults.lock_timeout.0)
             .await
-            .map_err(|e| with_grant(e, def.requires.grant.as_deref()))?;
+            .map_err(|e| with_grant(e, def.requires.grant.as_deref()))
+            .inspect_err(|e| selfspans::error(&tracing::Span::current(), &e.message))?;
+        selfspans::rows(rows.len());
         Ok(Some(rows))
     }
 

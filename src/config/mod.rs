@@ -77,6 +77,12 @@ pub struct Config {
     /// HTTPS and basic auth for the listener, in exporter-toolkit's `web.yml` format.
     #[serde(default)]
     pub web_config_file: Option<PathBuf>,
+    /// Credentials for targets registered by `/probe?target=…&auth_module=NAME`.
+    #[serde(default)]
+    pub auth_modules: BTreeMap<String, crate::probe::AuthModule>,
+    /// How long a target registered by `/probe` lives without being probed.
+    #[serde(default)]
+    pub probe: crate::probe::ProbeConfig,
 }
 
 /// The `activity:` section: the per-target `pg_stat_activity` sampler, which feeds
@@ -149,6 +155,30 @@ pub struct TracingConfig {
     /// tracing off. Not a config file key: `pgvigil demo` sets it.
     #[serde(skip)]
     pub console: bool,
+    /// `generic`: attach the generic plan (`EXPLAIN (GENERIC_PLAN, FORMAT JSON)`,
+    /// PostgreSQL 16+) of a slow span's query, read-only, time-limited, at most once per
+    /// query per hour; default `off` (README, "Plans on slow spans").
+    #[serde(default)]
+    pub explain: ExplainMode,
+    /// At most this many EXPLAINs per minute, all targets together (`tracing.explain`).
+    #[serde(default = "default_explain_per_minute")]
+    pub explain_per_minute: u32,
+    /// `true`: pgvigil's own work (poll cycles, collector queries) as spans to the same
+    /// OTLP endpoint, through `tracing-opentelemetry`; default `false`. Read at start
+    /// only: changing it takes a restart.
+    #[serde(default, rename = "self")]
+    pub self_spans: bool,
+}
+
+/// `tracing.explain`: whether slow spans get the query's plan.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum ExplainMode {
+    #[default]
+    #[serde(rename = "off")]
+    Off,
+    /// `EXPLAIN (GENERIC_PLAN)`: the plan without parameter values, never executed.
+    #[serde(rename = "generic")]
+    Generic,
 }
 
 /// OTLP transport.
@@ -186,6 +216,9 @@ fn default_slow() -> Interval {
 fn default_queue() -> usize {
     2048
 }
+fn default_explain_per_minute() -> u32 {
+    30
+}
 
 impl Default for TracingConfig {
     fn default() -> Self {
@@ -201,6 +234,9 @@ impl Default for TracingConfig {
             service_name: None,
             queue_size: default_queue(),
             console: false,
+            explain: ExplainMode::Off,
+            explain_per_minute: default_explain_per_minute(),
+            self_spans: false,
         }
     }
 }
@@ -276,6 +312,8 @@ impl Default for Config {
             activity: ActivityConfig::default(),
             tracing: TracingConfig::default(),
             web_config_file: None,
+            auth_modules: BTreeMap::new(),
+            probe: Default::default(),
         }
     }
 }
@@ -305,6 +343,10 @@ pub struct TargetConfig {
     /// The targets file this target comes from; `None` for the config file.
     #[serde(skip)]
     pub file: Option<PathBuf>,
+    /// Registered by `/probe`: polled by the instance Prometheus probed, whatever shard
+    /// its name hashes to.
+    #[serde(skip)]
+    pub probed: bool,
 }
 
 /// A connection budget: at least 1.
@@ -641,7 +683,8 @@ impl Config {
     }
 
     /// Resolves passwords and labels of every target this instance owns (all of them
-    /// without `shard:`); the others are neither read nor polled.
+    /// without `shard:`; those `/probe` registered here too); the others are neither read
+    /// nor polled.
     pub fn resolve_targets(
         &self,
         env: &dyn Fn(&str) -> Option<String>,
@@ -649,7 +692,7 @@ impl Config {
         self.targets
             .iter()
             .enumerate()
-            .filter(|(_, t)| self.owns(&t.name))
+            .filter(|(_, t)| t.probed || self.owns(&t.name))
             .map(|(i, t)| {
                 let mut pg = t.dsn.0.clone();
                 if let Some(file) = &t.password_file {
@@ -771,6 +814,7 @@ fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig,
         databases: DatabaseFilter::default(),
         max_connections: default_max_connections(),
         file: None,
+        probed: false,
     })
 }
 
@@ -1003,10 +1047,34 @@ mod tests {
         for t in &c.targets {
             assert_eq!(mine.contains(&t.name), fleet::owner(&t.name, 3) == 1);
         }
+        // A target /probe registered here is polled here, whatever its name hashes to.
+        let mut c = c;
+        let other = c.targets.iter().position(|t| !c.owns(&t.name)).unwrap();
+        c.targets[other].probed = true;
+        let resolved = c.resolve_targets(&|_| None).unwrap();
+        assert!(resolved.iter().any(|t| t.name == c.targets[other].name));
+        assert_eq!(resolved.len(), mine.len() + 1);
         // Without targets: the environment's target only when no targets files are named.
         let mut c = parse("targets_files: [/nonexistent/*.yaml]\n").unwrap();
         c.apply_env(&|_| None).unwrap();
         assert!(c.targets.is_empty());
+    }
+
+    #[test]
+    fn explain_and_self_spans_are_opt_in() {
+        let c = parse("tracing:\n  otlp_endpoint: http://127.0.0.1:4317\n").unwrap();
+        assert_eq!(c.tracing.explain, ExplainMode::Off);
+        assert!(!c.tracing.self_spans);
+        assert_eq!(c.tracing.explain_per_minute, 30);
+        let c =
+            parse("tracing:\n  explain: generic\n  explain_per_minute: 5\n  self: true\n").unwrap();
+        assert_eq!(c.tracing.explain, ExplainMode::Generic);
+        assert_eq!(c.tracing.explain_per_minute, 5);
+        assert!(c.tracing.self_spans);
+        let e = parse("tracing:\n  explain: analyze\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("analyze"), "{e}");
     }
 
     #[test]

@@ -188,6 +188,7 @@ impl Demo {
                 databases: Default::default(),
                 max_connections: Default::default(),
                 file: None,
+                probed: false,
             });
         }
         Ok(config)

@@ -207,7 +207,19 @@ impl Slot {
             Some(b) => Arc::clone(b).acquire_owned().await.ok(),
             None => None,
         };
-        match Session::connect(&self.dsn, self.connect_timeout, self.flavour, permit).await {
+        // The driver's connect_timeout covers only the TCP connect: a server that accepts
+        // and then never answers (a stopped postmaster, a frozen backend, a black hole)
+        // would hold this slot, and every collector of the target, forever.
+        let limit = self.connect_timeout + DEADLINE_SLACK;
+        let connect = Session::connect(&self.dsn, self.connect_timeout, self.flavour, permit);
+        let connected = match tokio::time::timeout(limit, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(PgError::new(
+                ErrorKind::Connect,
+                format!("no answer from the server within {limit:?} of connecting"),
+            )),
+        };
+        match connected {
             Ok((session, info)) => {
                 if state.failures > 0 {
                     tracing::info!(target = %self.target, database = self.database.as_str(), "{}reconnected after {} failed attempts", self.who, state.failures);
@@ -310,6 +322,36 @@ impl SlotGuard {
         }
     }
 
+    /// Runs one statement over the simple query protocol, with the same timeouts and
+    /// deadline as [`SlotGuard::query`], and returns the first column of each row as
+    /// text. For statements the extended protocol cannot carry, such as `EXPLAIN
+    /// (GENERIC_PLAN)` of a text with `$1` placeholders and no values for them. The
+    /// simple protocol runs every statement of a multi-statement text: the caller must
+    /// pass exactly one.
+    pub async fn simple_query_one(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+        lock_timeout: Duration,
+    ) -> Result<Vec<Option<String>>, PgError> {
+        let Some(session) = self.state.session.as_mut() else {
+            return Err(PgError {
+                kind: ErrorKind::Connect,
+                message: "connection lost".into(),
+                fatal: true,
+            });
+        };
+        let result = session.simple_query(sql, timeout, lock_timeout).await;
+        match result {
+            Err(mut e) if e.fatal || session.client.is_closed() => {
+                e.fatal = true;
+                self.mark_broken();
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
     /// Closes the session after this use, returning its permit to the budget; the next
     /// [`Slot::acquire`] connects again. Not a loss: no [`Event`].
     pub fn close(mut self) {
@@ -390,6 +432,60 @@ impl Session {
         Ok((session, info))
     }
 
+    /// Sets `statement_timeout` and `lock_timeout` unless they already are `want`.
+    async fn set_timeouts(&mut self, want: (Duration, Duration)) -> Result<(), PgError> {
+        if self.flavour.applies_settings() && self.timeouts != Some(want) {
+            self.timeouts = None;
+            let set = format!(
+                "SET statement_timeout = {}; SET lock_timeout = {}",
+                want.0.as_millis().max(1),
+                want.1.as_millis().max(1)
+            );
+            self.client
+                .batch_execute(&set)
+                .await
+                .map_err(|e| PgError::from_query(&e))?;
+            self.timeouts = Some(want);
+        }
+        Ok(())
+    }
+
+    /// [`Session::query`] over the simple query protocol; the first column of each row.
+    async fn simple_query(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+        lock_timeout: Duration,
+    ) -> Result<Vec<Option<String>>, PgError> {
+        let want = (timeout, lock_timeout.min(timeout));
+        let deadline = timeout + DEADLINE_SLACK;
+        let run = async {
+            self.set_timeouts(want).await?;
+            let messages = self
+                .client
+                .simple_query(sql)
+                .await
+                .map_err(|e| PgError::from_query(&e))?;
+            Ok(messages
+                .iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => {
+                        Some(r.get(0).map(str::to_string))
+                    }
+                    _ => None,
+                })
+                .collect())
+        };
+        match tokio::time::timeout(deadline, run).await {
+            Ok(r) => r,
+            Err(_) => Err(PgError {
+                kind: ErrorKind::Timeout,
+                message: format!("no answer within {deadline:?}"),
+                fatal: true,
+            }),
+        }
+    }
+
     /// Runs one query with `statement_timeout` and `lock_timeout`, so a slow catalog
     /// never runs past its budget or waits in a lock queue. The timeouts are set on the
     /// session only when they differ from the last query's, so a poll usually costs the
@@ -402,6 +498,9 @@ impl Session {
         lock_timeout: Duration,
     ) -> Result<Vec<Row>, PgError> {
         let want = (timeout, lock_timeout.min(timeout));
+        // Sends a cancel request if this query is given up (deadline, or the future
+        // dropped: a poll aborted at shutdown or reload).
+        let mut cancel = CancelOnDrop(Some(self.client.cancel_token()));
         // The client-side deadline is a backstop for a server that stops answering; the
         // server-side statement_timeout normally fires first.
         let deadline = timeout + DEADLINE_SLACK;
@@ -428,7 +527,10 @@ impl Session {
             }
         };
         match tokio::time::timeout(deadline, run).await {
-            Ok(r) => r,
+            Ok(r) => {
+                cancel.0 = None;
+                r
+            }
             Err(_) => Err(PgError {
                 kind: ErrorKind::Timeout,
                 message: format!("no answer within {deadline:?}"),
@@ -436,6 +538,45 @@ impl Session {
             }),
         }
     }
+}
+
+/// How long a cancel request may take to reach the server.
+const CANCEL_LIMIT: Duration = Duration::from_secs(1);
+
+/// Cancel requests in flight (see [`CancelOnDrop`]); [`finish_cancels`] waits for them.
+static CANCELS: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// A query given up before its answer — past the client-side deadline, or its future
+/// dropped because the poll was aborted (shutdown, reload) — would otherwise keep running
+/// on the server until its `statement_timeout`, for nobody: PostgreSQL does not notice a
+/// vanished client while a query runs. Armed while the query runs; on drop it sends a
+/// cancel request (the driver's, over a new connection; in plain text, so for a server
+/// that refuses non-TLS connections it does not get through and the statement_timeout
+/// still ends the query).
+struct CancelOnDrop(Option<tokio_postgres::CancelToken>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(token) = self.0.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let task = runtime.spawn(async move {
+            let _ =
+                tokio::time::timeout(CANCEL_LIMIT, token.cancel_query(tokio_postgres::NoTls)).await;
+        });
+        let mut all = CANCELS.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|t| !t.is_finished());
+        all.push(task);
+    }
+}
+
+/// Waits (at most `limit`) for the cancel requests of abandoned queries to be sent: at
+/// shutdown, so a query that was running is not left on the server.
+pub async fn finish_cancels(limit: Duration) {
+    let tasks = std::mem::take(&mut *CANCELS.lock().unwrap_or_else(|e| e.into_inner()));
+    let _ = tokio::time::timeout(limit, futures_util::future::join_all(tasks)).await;
 }
 
 fn connect_message(e: &tokio_postgres::Error) -> String {

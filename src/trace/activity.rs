@@ -37,6 +37,9 @@ pub struct Observation {
     pub query: String,
     /// `query` was cut at `track_activity_query_size` (see [`is_cut`]).
     pub query_cut: bool,
+    /// `pg_stat_activity.query_id` (14+, with `compute_query_id`): the backend's most
+    /// recent query.
+    pub queryid: Option<String>,
 }
 
 /// `track_activity_query_size` as `current_setting()` shows it (`1kB`, `100B`, `4MB`) →
@@ -83,6 +86,8 @@ pub struct Execution {
     pub query: String,
     /// `query` was cut at `track_activity_query_size`.
     pub query_cut: bool,
+    /// `pg_stat_activity.query_id`, when the server computes one.
+    pub queryid: Option<String>,
     pub query_start: f64,
     /// Last sample time it was seen active.
     pub last_active: f64,
@@ -141,6 +146,9 @@ impl Tracker {
             seen.insert(row.pid);
             if let Some(tracked) = self.running.get_mut(&row.pid) {
                 if Some(tracked.query_start) == row.query_start {
+                    if tracked.queryid.is_none() {
+                        tracked.queryid = row.queryid.clone();
+                    }
                     if is_active(&row.state) {
                         tracked.last_active = now;
                         record_wait(tracked, row, now);
@@ -254,6 +262,7 @@ fn execution_of(row: &Observation, start: f64, now: f64) -> Execution {
         client_addr: row.client_addr.clone(),
         query: row.query.clone(),
         query_cut: row.query_cut,
+        queryid: row.queryid.clone(),
         query_start: start,
         last_active: now,
         waits: Vec::new(),

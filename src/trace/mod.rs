@@ -8,14 +8,18 @@
 //!   duration in the collector self-metrics;
 //! - slow-query spans, when tracing is on: it follows each execution ([`activity`]),
 //!   turns the slow ones into spans ([`span`]) parented by the application's
-//!   `traceparent` ([`context`]), and queues them for OTLP export ([`export`]).
+//!   `traceparent` ([`context`]), optionally with the query's generic plan
+//!   ([`explain`], `tracing.explain`), and queues them for OTLP export ([`export`]).
 //!
-//! Sampling never waits on the exporter; nothing here touches the pollers.
+//! Sampling never waits on the exporter; nothing here touches the pollers. pgvigil's own
+//! work as spans (`tracing.self`) is [`selfspans`].
 
 pub mod activity;
 pub mod context;
+pub mod explain;
 pub mod export;
 pub mod load;
+pub mod selfspans;
 pub mod span;
 
 use std::sync::Arc;
@@ -26,7 +30,7 @@ use opentelemetry_sdk::Resource;
 use tokio::sync::watch;
 
 use crate::collector::pack::{Catalog, CollectorDef, RunBy};
-use crate::config::{CollectorDefaults, Config, OtlpProtocol, Target, TracingConfig};
+use crate::config::{CollectorDefaults, Config, ExplainMode, OtlpProtocol, Target, TracingConfig};
 use crate::postgres::slot::Slot;
 use crate::postgres::{dsn, ErrorKind, PgError};
 use crate::store::{Snapshot, Store};
@@ -102,6 +106,8 @@ pub struct Plan {
     every: Duration,
     def: Arc<CollectorDef>,
     load_on: bool,
+    /// EXPLAINs per minute, all targets together; `None` when `tracing.explain` is off.
+    explain_budget: Option<Arc<explain::Budget>>,
 }
 
 /// The sampler's plan, or `None` when it has nothing to feed: neither DB load (the
@@ -150,6 +156,8 @@ pub fn plan(
         every: config.activity.interval().0,
         def: Arc::new(def),
         load_on,
+        explain_budget: (cfg.explain == ExplainMode::Generic)
+            .then(|| explain::Budget::new(cfg.explain_per_minute)),
     }))
 }
 
@@ -182,6 +190,12 @@ impl Plan {
             )),
             None => {}
         }
+        if self.sink.is_some() && self.explain_budget.is_some() {
+            text.push_str(&format!(
+                ", with generic plans (PostgreSQL 16+, at most {} EXPLAINs a minute)",
+                self.cfg.explain_per_minute
+            ));
+        }
         text
     }
 
@@ -195,11 +209,13 @@ impl Plan {
     }
 
     /// Starts a sampler (and, with tracing on, an exporter) for `t`; they stop when
-    /// `shutdown` turns true.
+    /// `shutdown` turns true. `connections` is the target's connection budget, which
+    /// the EXPLAINs of `tracing.explain` take their sessions from.
     pub fn start(
         &self,
         t: &Target,
         store: &Arc<Store>,
+        connections: Option<Arc<tokio::sync::Semaphore>>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Tracing, TraceError> {
         let cfg = &self.cfg;
@@ -232,6 +248,20 @@ impl Plan {
             }
             None => None,
         };
+        let explainer = match (&queue, &self.explain_budget) {
+            (Some(queue), Some(budget)) => {
+                let (explainer, task) = explain::Explainer::start(
+                    t,
+                    connections,
+                    Arc::clone(budget),
+                    queue.clone(),
+                    Arc::clone(store),
+                );
+                handles.push(task);
+                Some(explainer)
+            }
+            _ => None,
+        };
         let (address, port) = dsn::server(&t.pg.0);
         let sampler = Sampler {
             target: t.clone(),
@@ -242,6 +272,7 @@ impl Plan {
             threshold: cfg.slow_query_threshold.0.as_secs_f64(),
             every,
             queue,
+            explainer,
             server: span::Server { address, port },
             def: Arc::clone(&self.def),
             load_on: self.load_on,
@@ -295,6 +326,8 @@ struct Sampler {
     every: Duration,
     /// Where slow executions go; `None` when tracing is off.
     queue: Option<export::Queue>,
+    /// Adds plans to spans on their way to `queue` (`tracing.explain`).
+    explainer: Option<explain::Explainer>,
     server: span::Server,
     /// The `activity` collector: the query (by server version) and the load metric.
     def: Arc<CollectorDef>,
@@ -310,6 +343,8 @@ struct Sample {
     active: Vec<Active>,
     /// Server time of the sample, when any row carried it.
     now: Option<f64>,
+    /// `server_version_num` of the sampler's session.
+    version: u32,
 }
 
 impl Sampler {
@@ -319,6 +354,7 @@ impl Sampler {
         let mut top = TopN::default();
         // The last failure logged, and when: the same one is logged again after 5 minutes.
         let mut logged: Option<(String, Instant)> = None;
+        let mut version = 0;
         let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let statements = (
@@ -333,7 +369,10 @@ impl Sampler {
             }
             let started = Instant::now();
             let sample = match self.sample().await {
-                Ok(s) => s,
+                Ok(s) => {
+                    version = s.version;
+                    s
+                }
                 Err(e) => {
                     self.record(Some(&e), started.elapsed(), &mut logged);
                     continue;
@@ -360,11 +399,11 @@ impl Sampler {
                 .now
                 .unwrap_or_else(|| crate::store::unix_seconds(SystemTime::now()));
             for ended in tracker.observe(&sample.observations, now) {
-                self.emit(&ended);
+                self.emit(&ended, version);
             }
         }
         for ended in tracker.flush() {
-            self.emit(&ended);
+            self.emit(&ended, version);
         }
     }
 
@@ -392,7 +431,9 @@ impl Sampler {
             .query(&variant.sql, self.timeout, self.lock_timeout)
             .await?;
         drop(session);
-        decode(&rows)
+        let mut sample = decode(&rows)?;
+        sample.version = version;
+        Ok(sample)
     }
 
     /// The sampler's health, as a collector's: duration, errors by kind, last success;
@@ -431,7 +472,7 @@ impl Sampler {
         });
     }
 
-    fn emit(&self, ended: &activity::Ended) {
+    fn emit(&self, ended: &activity::Ended, version: u32) {
         let Some(queue) = &self.queue else { return };
         // Still-running executions at shutdown count from their start to their last
         // sighting, like any other.
@@ -443,7 +484,17 @@ impl Sampler {
             self.context_cut();
         }
         match span::build(ended, &self.server) {
-            Some(s) => queue.push(s),
+            Some(s) => match &self.explainer {
+                Some(explainer) => explainer.submit(explain::Job {
+                    span: s,
+                    query: x.query.clone(),
+                    query_cut: x.query_cut,
+                    queryid: x.queryid.clone(),
+                    datname: x.datname.clone(),
+                    version,
+                }),
+                None => queue.push(s),
+            },
             None => queue.drop_spans("not_sampled", 1),
         }
     }
@@ -483,6 +534,7 @@ fn decode(rows: &[tokio_postgres::Row]) -> Result<Sample, PgError> {
         observations: Vec::with_capacity(rows.len()),
         active: Vec::with_capacity(rows.len()),
         now: None,
+        version: 0,
     };
     for r in rows {
         sample.now = r
@@ -507,6 +559,7 @@ fn decode(rows: &[tokio_postgres::Row]) -> Result<Sample, PgError> {
             wait_event: wait_event.clone(),
             queryid: r.try_get("queryid").map_err(bad)?,
         });
+        let queryid: Option<String> = r.try_get("queryid").map_err(bad)?;
         if backend_type != "client backend" {
             continue;
         }
@@ -528,6 +581,7 @@ fn decode(rows: &[tokio_postgres::Row]) -> Result<Sample, PgError> {
                 .unwrap_or_default(),
             query_cut: activity::is_cut(&query, size),
             query,
+            queryid,
         });
     }
     Ok(sample)

@@ -166,6 +166,7 @@ mod tests {
                 client_addr: "127.0.0.1".into(),
                 query: query.into(),
                 query_cut: false,
+                queryid: None,
                 query_start: 1_000.0,
                 last_active: 1_001.0,
                 waits: vec![Wait {

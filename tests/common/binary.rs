@@ -154,6 +154,24 @@ impl Pgvigil {
         assert!(status.success(), "kill -{name} {}: {status}", self.pid());
     }
 
+    /// Waits up to `timeout` for the child to exit by itself; its exit status, or `None`
+    /// if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.0.try_wait() {
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Kills the child, waits for it and returns everything it wrote to stderr.
     pub fn stop(mut self) -> String {
         let _ = self.child.0.kill();

@@ -1,0 +1,1 @@
+CREATE INDEX CONCURRENTLY i ON s."T" USING btree ((a::text || 'x')) WHERE b > B'1010' AND c = X'ff' AND d = U&'\0041'

@@ -1,0 +1,1 @@
+SELECT * FROM t WHERE a = 'x''y' AND b = E'\\n' AND c IN (1, 2.5e10, -3) AND d = $$dollar$$ AND e = $tag$ $x$ $tag$
