@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::exposition::Encoded;
 use crate::metric::Family;
 use crate::postgres::ErrorKind;
 
@@ -122,7 +123,7 @@ pub struct ReloadHealth {
 #[derive(Debug, Default)]
 pub struct Store {
     /// Replaced whole per key, so a reader sees one poll's result or the next, never a mix.
-    snapshots: RwLock<BTreeMap<Key, Arc<Snapshot>>>,
+    snapshots: RwLock<BTreeMap<Key, Stored>>,
     /// Per target; a `Mutex` because updates are tiny and never cross an `.await`.
     targets: Mutex<BTreeMap<String, TargetHealth>>,
     /// Bumped on every change, so the HTTP layer can reuse an encoded body.
@@ -132,6 +133,13 @@ pub struct Store {
     /// This instance's shard (`I/N`) and how many targets it owns; `None` until a
     /// configuration was applied.
     shard: Mutex<Option<(String, usize)>>,
+}
+
+/// A snapshot and its exposition, encoded once when it was put, so scrapes only stitch.
+#[derive(Debug, Clone)]
+struct Stored {
+    snapshot: Arc<Snapshot>,
+    encoded: Arc<Encoded>,
 }
 
 impl Store {
@@ -206,9 +214,13 @@ impl Store {
         self.shard.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Stores a collector's new snapshot, encoding it here, in the poller, so that no scrape
+    /// pays for it (and before the lock is taken).
     pub fn put(&self, key: Key, snapshot: Snapshot) {
+        let snapshot = Arc::new(snapshot);
+        let encoded = Arc::new(Encoded::new(&snapshot));
         let mut s = self.snapshots.write().unwrap_or_else(|e| e.into_inner());
-        s.insert(key, Arc::new(snapshot));
+        s.insert(key, Stored { snapshot, encoded });
         drop(s);
         self.bump();
     }
@@ -232,15 +244,21 @@ impl Store {
     /// The current snapshots, cheap to take (Arc clones) and read without any lock.
     pub fn snapshots(&self) -> Vec<Arc<Snapshot>> {
         let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
-        s.values().cloned().collect()
+        s.values().map(|v| Arc::clone(&v.snapshot)).collect()
     }
 
-    /// The current snapshots of one target (for `/probe?target=`).
-    pub fn snapshots_of(&self, target: &str) -> Vec<Arc<Snapshot>> {
+    /// The current snapshots' encoded exposition, in the same order as [`Store::snapshots`].
+    pub fn encoded(&self) -> Vec<Arc<Encoded>> {
+        let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
+        s.values().map(|v| Arc::clone(&v.encoded)).collect()
+    }
+
+    /// The encoded snapshots of one target (for `/probe?target=`).
+    pub fn encoded_of(&self, target: &str) -> Vec<Arc<Encoded>> {
         let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
         s.iter()
             .filter(|((t, _, _), _)| t == target)
-            .map(|(_, v)| Arc::clone(v))
+            .map(|(_, v)| Arc::clone(&v.encoded))
             .collect()
     }
 
@@ -255,7 +273,12 @@ impl Store {
         let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
         let mut out: BTreeMap<(String, String), usize> = BTreeMap::new();
         for ((target, collector, _), snapshot) in s.iter() {
-            let n: usize = snapshot.families.iter().map(|f| f.samples.len()).sum();
+            let n: usize = snapshot
+                .snapshot
+                .families
+                .iter()
+                .map(|f| f.samples.len())
+                .sum();
             *out.entry((target.clone(), collector.clone())).or_default() += n;
         }
         out
@@ -263,7 +286,7 @@ impl Store {
 
     pub fn get(&self, key: &Key) -> Option<Arc<Snapshot>> {
         let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
-        s.get(key).cloned()
+        s.get(key).map(|v| Arc::clone(&v.snapshot))
     }
 
     /// Applies `f` to a target's health record.

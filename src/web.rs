@@ -103,6 +103,9 @@ struct Users {
     verified: Mutex<HashSet<u64>>,
 }
 
+/// The highest bcrypt cost accepted in `basic_auth_users`.
+const MAX_COST: u32 = 16;
+
 /// Successful checks remembered at most (then the cache starts over).
 const VERIFIED_CACHE: usize = 256;
 
@@ -339,6 +342,18 @@ fn load(path: &Path) -> Result<Loaded, WebError> {
                 format!("basic_auth_users.{user}: not a bcrypt hash: {e}"),
             ))
         })?;
+        // Each check costs 2^cost rounds: 10–12 is usual; 18 already takes seconds per
+        // request, and a typo'd 31 would hang every login (and our decoy hash at load).
+        if parts.get_cost() > MAX_COST {
+            return Err(WebError::Yaml(YamlError::at(
+                path,
+                yaml::locate_key_after(&text, user, at("basic_auth_users").0),
+                format!(
+                    "basic_auth_users.{user}: bcrypt cost {} is above {MAX_COST}: every request would take seconds or more",
+                    parts.get_cost()
+                ),
+            )));
+        }
         decoy_cost = decoy_cost.max(parts.get_cost());
     }
     let decoy = if file.basic_auth_users.is_empty() {
@@ -526,6 +541,14 @@ mod tests {
         let e = Web::load(&path).err().unwrap().to_string();
         assert!(
             e.contains("web.yml:2:3: basic_auth_users.prom: not a bcrypt hash"),
+            "{e}"
+        );
+        // A cost of 31 (2^31 rounds) is refused at once, not computed.
+        let slow = "$2b$31$X1ZjmLf50ZPqBx.BlfMt3.0205NuAvb3uLvcP0aR3IXAMjeZspj32";
+        std::fs::write(&path, format!("basic_auth_users:\n  prom: {slow}\n")).unwrap();
+        let e = Web::load(&path).err().unwrap().to_string();
+        assert!(
+            e.contains("web.yml:2:3: basic_auth_users.prom: bcrypt cost 31 is above 16"),
             "{e}"
         );
         std::fs::write(

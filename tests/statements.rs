@@ -166,14 +166,17 @@ fn five_thousand_statements_keep_top_n_and_exact_totals() {
     let poller = ManualPoller::new(&statements_only(&pg.dsn(), "statements: {top_n: 100}\n"));
     let mut previous: Option<(std::collections::HashMap<String, f64>, f64)> = None;
     for round in 0..2 {
+        let texts_before = texts_calls(&pg);
         let s = poller.poll();
         // pgvigil's own statements query finished (and was counted) after it read the
-        // view; nothing else ran since.
-        let after: f64 = pg
+        // view, and so did its texts query if queries entered the top N; nothing else ran
+        // since.
+        let sum: f64 = pg
             .psql("postgres", "SELECT sum(calls) FROM pg_stat_statements")
             .unwrap()
             .parse()
             .unwrap();
+        let after = sum - (texts_calls(&pg) - texts_before);
         let calls = find(&s, "pg_stat_statements_calls_total", &[]);
         let ids: std::collections::HashSet<_> =
             calls.iter().map(|c| c.labels["queryid"].clone()).collect();
@@ -210,6 +213,98 @@ fn five_thousand_statements_keep_top_n_and_exact_totals() {
         assert_eq!(means.len(), 100);
         distinct_statements(&pg, 0, 50);
     }
+}
+
+/// Calls of pgvigil's `texts` query so far (the pattern, a constant, is not in the text
+/// pg_stat_statements keeps of this query itself).
+fn texts_calls(pg: &TempCluster) -> f64 {
+    pg.psql(
+        "postgres",
+        "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%= ANY($1::text[]::bigint[])%'",
+    )
+    .unwrap()
+    .parse()
+    .unwrap()
+}
+
+/// `SELECT pg_sleep(secs)` with `k` extra columns: a queryid of its own per `k`.
+fn sleeper(k: usize, n: usize, secs: f64) -> String {
+    format!("SELECT pg_sleep({secs}){};\n", ", 1".repeat(k)).repeat(n)
+}
+
+/// query_info texts of the members, by queryid.
+fn texts(s: &[Sample]) -> std::collections::BTreeMap<String, String> {
+    find(s, "pg_stat_statements_query_info", &[])
+        .iter()
+        .map(|i| (i.labels["queryid"].clone(), i.labels["query"].clone()))
+        .collect()
+}
+
+#[test]
+fn query_texts_are_read_once_when_a_query_enters_the_top_n() {
+    let pg = cluster(&[("pg_stat_statements.track_utility", "off")]);
+    let poller = ManualPoller::new(&statements_only(&pg.dsn(), "statements: {top_n: 2}\n"));
+    let sql = format!(
+        "{}{}{}",
+        sleeper(1, 3, 0.02),
+        sleeper(2, 3, 0.02),
+        sleeper(3, 1, 0.001)
+    );
+    pg.psql("postgres", &sql).unwrap();
+
+    // First poll: both members' texts, in one texts query.
+    let before = texts_calls(&pg);
+    let s = poller.poll();
+    assert_eq!(
+        texts_calls(&pg) - before,
+        1.0,
+        "one texts query for the new members"
+    );
+    let first = texts(&s);
+    let mut want: Vec<&str> = vec!["SELECT pg_sleep($1), $2", "SELECT pg_sleep($1), $2, $3"];
+    let mut got: Vec<&str> = first.values().map(String::as_str).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "{first:?}");
+
+    // Steady membership: the texts are kept, not read again.
+    for _ in 0..2 {
+        let before = texts_calls(&pg);
+        let s = poller.poll();
+        assert_eq!(
+            texts_calls(&pg) - before,
+            0.0,
+            "no texts query while members stay"
+        );
+        assert_eq!(texts(&s), first);
+    }
+
+    // A much busier query enters the top N: its text alone is read, right away.
+    pg.psql("postgres", &sleeper(3, 10, 0.05)).unwrap();
+    let before = texts_calls(&pg);
+    let s = poller.poll();
+    assert_eq!(
+        texts_calls(&pg) - before,
+        1.0,
+        "one texts query for the newcomer"
+    );
+    let now = texts(&s);
+    assert_eq!(now.len(), 2, "{now:?}");
+    let newcomer: Vec<_> = now
+        .iter()
+        .filter(|(q, _)| !first.contains_key(*q))
+        .collect();
+    assert_eq!(newcomer.len(), 1, "{now:?}");
+    assert_eq!(newcomer[0].1, "SELECT pg_sleep($1), $2, $3, $4");
+    for (q, text) in &now {
+        if let Some(old) = first.get(q) {
+            assert_eq!(old, text, "a remaining member keeps its text");
+        }
+    }
+    let before = texts_calls(&pg);
+    let s = poller.poll();
+    assert_eq!(texts_calls(&pg) - before, 0.0);
+    assert_eq!(texts(&s), now);
 }
 
 #[test]

@@ -163,6 +163,11 @@ impl CollectorDef {
                     .into(),
             );
         }
+        if self.processor != Some(ProcessorKind::Statements)
+            && self.queries.0.iter().any(|q| q.texts.is_some())
+        {
+            return Err("`texts` (of a query) is read by `processor: statements` only".into());
+        }
         if self.processor != Some(ProcessorKind::TableTopN)
             && self.metrics.0.iter().any(|m| m.other.is_some())
         {
@@ -381,6 +386,13 @@ pub struct Variant {
     #[serde(default)]
     pub max_version: Option<Version>,
     pub sql: String,
+    /// A follow-up query for texts the step keeps out of `sql` (`processor: statements`:
+    /// the query text of entries entering the top N), so a poll does not read every text
+    /// every time. Run only when the step asks for keys it has no text for, with `$1` the
+    /// list of those keys (`text[]`, the `queryid` values); returns the key columns and
+    /// `query`.
+    #[serde(default)]
+    pub texts: Option<String>,
 }
 
 impl Variant {

@@ -510,18 +510,39 @@ impl TargetPoller {
         let timeout = def.timeout.unwrap_or(self.defaults.timeout).0;
         // A query that breaks the connection marks the slot broken (and, on the main
         // database, turns `pg_up` to 0 through `session_events`).
+        let lock_timeout = self.defaults.lock_timeout.0;
         let rows = slot
-            .query(&variant.sql, timeout, self.defaults.lock_timeout.0)
+            .query(&variant.sql, timeout, lock_timeout)
             .await
             .map_err(|e| with_grant(e, def.requires.grant.as_deref()))
             .inspect_err(|e| selfspans::error(&tracing::Span::current(), &e.message))?;
         selfspans::rows(rows.len());
+        if let Some(texts) = &variant.texts {
+            // Texts only for what the step has not got (statements: queries entering
+            // the top N), on the same session, before the rows are processed. The state
+            // is the one `process` uses: "" for cluster scope.
+            let at = match def.scope {
+                Scope::Cluster => "",
+                Scope::Database => db,
+            };
+            let needed = self.with_state(def, at, |s, ctx| s.texts_needed(def, &rows, ctx))?;
+            if !needed.is_empty() {
+                let found = slot
+                    .query_params(texts, &[&needed], timeout, lock_timeout)
+                    .await?;
+                self.with_state(def, at, |s, ctx| s.put_texts(def, &found, ctx))?;
+            }
+        }
         Ok(Some(rows))
     }
 
-    /// Rows → the collector's snapshot (steps, names, mapping, accumulation). `db` is ""
-    /// for cluster scope.
-    fn process(&self, def: &CollectorDef, db: &str, rows: &[Row]) -> Result<Snapshot, PgError> {
+    /// Runs `f` on the step state of `def` in `db`, with this poll's context.
+    fn with_state<T>(
+        &self,
+        def: &CollectorDef,
+        db: &str,
+        f: impl FnOnce(&mut CollectorState, &Context) -> T,
+    ) -> T {
         let monitored = |name: &str| self.target.databases.matches(name);
         let ctx = Context {
             def,
@@ -533,12 +554,18 @@ impl TargetPoller {
             names: Some(&self.names),
             monitored: &monitored,
         };
-        let interval = self.interval(def);
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         let state = states
             .entry((def.name.0.clone(), db.to_string()))
             .or_default();
-        let families = state.families(def, interval, rows, &ctx)?;
+        f(state, &ctx)
+    }
+
+    /// Rows → the collector's snapshot (steps, names, mapping, accumulation). `db` is ""
+    /// for cluster scope.
+    fn process(&self, def: &CollectorDef, db: &str, rows: &[Row]) -> Result<Snapshot, PgError> {
+        let interval = self.interval(def);
+        let families = self.with_state(def, db, |s, ctx| s.families(def, interval, rows, ctx))?;
         Ok(Snapshot { families })
     }
 

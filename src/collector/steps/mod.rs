@@ -94,6 +94,41 @@ pub struct CollectorState {
 }
 
 impl CollectorState {
+    /// The keys whose text the collector's step wants from the pack's `texts` query
+    /// before it processes `rows` (see [`statements::StatementsStep::texts_needed`]).
+    pub fn texts_needed<R: Columns>(
+        &mut self,
+        def: &CollectorDef,
+        rows: &[R],
+        ctx: &Context,
+    ) -> Result<Vec<String>, PgError> {
+        match self.statements(def) {
+            Some(s) => s.texts_needed(rows, ctx),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Hands the `texts` query's rows to the collector's step.
+    pub fn put_texts<R: Columns>(
+        &mut self,
+        def: &CollectorDef,
+        rows: &[R],
+        ctx: &Context,
+    ) -> Result<(), PgError> {
+        match self.statements(def) {
+            Some(s) => s.put_texts(rows, ctx),
+            None => Ok(()),
+        }
+    }
+
+    fn statements(&mut self, def: &CollectorDef) -> Option<&mut statements::StatementsStep> {
+        let kind = def.processor?;
+        match self.step.get_or_insert_with(|| Step::new(kind)) {
+            Step::Statements(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// One poll's rows → the collector's metric families: through its Rust step (if any),
     /// the rows' databases and relation names (`per_database`, `relation_names`), the
     /// pack's metric mapping, then accumulation.

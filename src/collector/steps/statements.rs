@@ -19,7 +19,11 @@
 //!   and `other` changes membership (which Prometheus sees as a counter reset of `other`)
 //!   only when the workload really shifts.
 //! - **Query text**: `pg_stat_statements_query_info` for members only, literals masked
-//!   and truncated by [`crate::sql::mask_literals`].
+//!   and truncated by [`crate::sql::mask_literals`]. The counters are read without texts
+//!   (`pg_stat_statements(false)`); the pack's `texts` follow-up query fetches the text of
+//!   queries entering the top N only ([`StatementsStep::texts_needed`], then
+//!   [`StatementsStep::put_texts`]), and a member's masked text is kept while it stays a
+//!   member. A row that carries its text (a pack without `texts`) is used as it is.
 
 use std::collections::{HashMap, HashSet};
 
@@ -96,6 +100,20 @@ struct Other {
     totals: Vec<(String, f64)>,
 }
 
+/// What [`StatementsStep::plan`] decided for one poll's rows; [`StatementsStep::run`]
+/// applies it.
+struct Plan {
+    /// Rows it was made from (a plan is only used for the same rows).
+    rows: usize,
+    entries: Vec<Entry>,
+    key_cols: [usize; 4],
+    info: Option<Info>,
+    /// Window statistics by entry index.
+    windows: HashMap<usize, window::Window>,
+    scores: HashMap<Key, f64>,
+    members: HashSet<Key>,
+}
+
 /// State kept between polls of one target.
 #[derive(Default)]
 pub struct StatementsStep {
@@ -107,6 +125,10 @@ pub struct StatementsStep {
     /// In first-seen order, so the exposition order is stable.
     others: Vec<Other>,
     polled: bool,
+    /// Masked query text of members, fetched when they entered the top N.
+    texts: HashMap<Key, String>,
+    /// This poll's plan, made before its texts were fetched.
+    planned: Option<Box<Plan>>,
 }
 
 fn decode_error(e: impl std::fmt::Display) -> PgError {
@@ -228,26 +250,9 @@ fn counter_columns(def: &CollectorDef) -> Vec<&str> {
 }
 
 impl StatementsStep {
-    /// Reads every row's key, timing and counters; computes windows and scores, picks the
-    /// members, and accumulates `other`. Returns the members' rows with their computed
-    /// columns, the `other` rows and the info row.
-    pub fn run<'r, R: Columns>(
-        &mut self,
-        rows: &'r [R],
-        ctx: &Context,
-    ) -> Result<Table<'r, R>, PgError> {
+    /// Keys, windows, scores and this poll's members, from the rows; changes no state.
+    fn plan<R: Columns>(&self, rows: &[R], ctx: &Context) -> Result<Plan, PgError> {
         let (entries, key_cols, info) = parse_rows(rows)?;
-        let counter_names = counter_columns(ctx.def);
-        // The counters are computed columns too: members' series hide what they handed
-        // to `other`, and the `other` rows carry the running totals.
-        let mut table = Table::new(rows, COLUMNS.iter().chain(&counter_names).copied());
-        let counter_cols = match rows.first() {
-            Some(first) => counter_names
-                .iter()
-                .map(|c| column(first, c))
-                .collect::<Result<Vec<_>, _>>()?,
-            None => Vec::new(),
-        };
         // On 14-16 an eviction or reset shows only in pg_stat_statements_info.
         let info_changed = matches!((&self.prev_info, &info), (Some(a), Some(b)) if a != b);
         let mut windows = HashMap::new();
@@ -270,7 +275,108 @@ impl StatementsStep {
             }
         }
         let members = select(&scores, &self.members, ctx.statements.top_n);
+        Ok(Plan {
+            rows: rows.len(),
+            entries,
+            key_cols,
+            info,
+            windows,
+            scores,
+            members,
+        })
+    }
 
+    /// The queryids whose text this poll needs: members (as this poll will pick them)
+    /// without a text, neither in their row nor kept from an earlier poll. Plans the
+    /// poll, for [`StatementsStep::run`] to apply to the same rows.
+    pub fn texts_needed<R: Columns>(
+        &mut self,
+        rows: &[R],
+        ctx: &Context,
+    ) -> Result<Vec<String>, PgError> {
+        let plan = self.plan(rows, ctx)?;
+        let mut needed = Vec::new();
+        if let Some(first) = rows.first() {
+            let query = column(first, "query")?;
+            for e in plan
+                .entries
+                .iter()
+                .filter(|e| plan.members.contains(&e.key))
+            {
+                let row = &rows[e.row];
+                if self.texts.contains_key(&e.key)
+                    || !row.label(query).unwrap_or_default().is_empty()
+                {
+                    continue;
+                }
+                let queryid = row.label(plan.key_cols[2]).map_err(decode_error)?;
+                if !needed.contains(&queryid) {
+                    needed.push(queryid);
+                }
+            }
+        }
+        self.planned = Some(Box::new(plan));
+        Ok(needed)
+    }
+
+    /// Keeps the texts the `texts` query returned (key columns and `query`), masked, for
+    /// this poll's members.
+    pub fn put_texts<R: Columns>(&mut self, rows: &[R], ctx: &Context) -> Result<(), PgError> {
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        let keys = KEY_LABELS.map(|n| column(first, n));
+        let keys = [
+            keys[0].clone()?,
+            keys[1].clone()?,
+            keys[2].clone()?,
+            keys[3].clone()?,
+        ];
+        let query = column(first, "query")?;
+        let members = self.planned.as_ref().map(|p| &p.members);
+        for r in rows {
+            let key = hash_key(&row_key(r, &keys)?);
+            if members.is_some_and(|m| m.contains(&key)) {
+                let text = r.label(query).map_err(decode_error)?;
+                let masked = crate::sql::mask_literals(&text, ctx.statements.query_max_len);
+                self.texts.insert(key, masked);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every row's key, timing and counters; computes windows and scores, picks the
+    /// members, and accumulates `other`. Returns the members' rows with their computed
+    /// columns, the `other` rows and the info row.
+    pub fn run<'r, R: Columns>(
+        &mut self,
+        rows: &'r [R],
+        ctx: &Context,
+    ) -> Result<Table<'r, R>, PgError> {
+        let plan = match self.planned.take() {
+            Some(p) if p.rows == rows.len() => *p,
+            _ => self.plan(rows, ctx)?,
+        };
+        let Plan {
+            entries,
+            key_cols,
+            info,
+            windows,
+            scores,
+            members,
+            ..
+        } = plan;
+        let counter_names = counter_columns(ctx.def);
+        // The counters are computed columns too: members' series hide what they handed
+        // to `other`, and the `other` rows carry the running totals.
+        let mut table = Table::new(rows, COLUMNS.iter().chain(&counter_names).copied());
+        let counter_cols = match rows.first() {
+            Some(first) => counter_names
+                .iter()
+                .map(|c| column(first, c))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
         let mut seen = HashMap::with_capacity(entries.len());
         let mut deltas: Vec<((String, String), Vec<f64>)> = Vec::new();
         for e in &entries {
@@ -343,17 +449,25 @@ impl StatementsStep {
                     continue;
                 }
                 let w = windows.get(&i);
-                let text = rows[e.row].label(query).map_err(decode_error)?;
+                let row_text = rows[e.row].label(query).map_err(decode_error)?;
+                let text = if row_text.is_empty() {
+                    self.texts.get(&e.key).cloned()
+                } else {
+                    Some(crate::sql::mask_literals(
+                        &row_text,
+                        ctx.statements.query_max_len,
+                    ))
+                };
                 let busy = w.filter(|w| w.calls > 0);
+                // A member whose text could not be read (evicted in between) gets no
+                // query_info this poll; its text is asked for again on the next.
+                let known = text.is_some();
                 let mut cells = vec![
                     Cell::from(w.map(|w| w.calls as f64)),
                     Cell::from(busy.map(|w| w.mean)),
                     Cell::from(busy.map(|w| w.stddev)),
-                    Cell::Text(crate::sql::mask_literals(
-                        &text,
-                        ctx.statements.query_max_len,
-                    )),
-                    Cell::Number(1.0),
+                    text.map_or(Cell::Null, Cell::Text),
+                    Cell::from(known.then_some(1.0)),
                     Cell::Null,
                     Cell::Null,
                 ];
@@ -379,6 +493,8 @@ impl StatementsStep {
                 .map_err(decode_error)?;
         }
 
+        // Texts are kept while their query stays a member.
+        self.texts.retain(|k, _| members.contains(k));
         self.prev = seen;
         self.prev_info = info;
         self.scores = scores;
