@@ -77,6 +77,16 @@ if ! command -v hadolint >/dev/null 2>&1; then
 fi
 hadolint Dockerfile
 
+step "kubernetes-validate deploy/kubernetes"
+# The Kubernetes manifests (fleet mode) against the API schemas; the ServiceMonitor is a
+# CRD kubernetes-validate has no schema for (it only warns): checked by its own script.
+if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages kubernetes-validate
+fi
+python3 -m kubernetes_validate --strict deploy/kubernetes/*.yaml
+python3 scripts/check-servicemonitor.py deploy/kubernetes
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

@@ -1,6 +1,7 @@
 //! pgvigil's own metrics (`pg_up`, `pgvigil_collector_*` including `…_skipped`,
 //! `…_series` and how database visits keep up, `pgvigil_spans_*`, `pgvigil_explain_*`,
-//! `pgvigil_config_last_reload_*`, `pgvigil_build_info`), built for each exposition from
+//! `pgvigil_config_last_reload_*`, `pgvigil_shard_targets`,
+//! `pgvigil_build_info`), built for each exposition from
 //! the health the store keeps.
 
 use std::sync::Arc;
@@ -192,6 +193,17 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
             });
         }
     }
+    let mut shard = family(
+        "pgvigil_shard_targets",
+        "Targets this instance polls: those whose name hashes to its shard (`shard: {index, total}` / --shard; 0/1 polls all).",
+        MetricType::Gauge,
+    );
+    if let Some((label, n)) = store.shard() {
+        shard.samples.push(Sample {
+            labels: vec![(Arc::from("shard"), label)],
+            value: n as f64,
+        });
+    }
     let mut build = family("pgvigil_build_info", "pgvigil's version.", MetricType::Info);
     build.samples.push(Sample {
         labels: vec![(Arc::from("version"), env!("CARGO_PKG_VERSION").to_string())],
@@ -213,6 +225,7 @@ pub fn self_metrics(store: &Store) -> Vec<Family> {
         explain_skipped,
         reload_ok,
         reload_at,
+        shard,
         build,
     ]
 }

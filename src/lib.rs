@@ -14,7 +14,9 @@
 //!                                                        └─► trace spans ──(trace::explain)──► OTLP
 //! ```
 //!
-//! - [`config`]: the YAML config file, environment overrides, file:line errors.
+//! - [`config`]: the YAML config file, environment overrides, file:line errors; fleet mode
+//!   (`config::fleet`: which targets this instance's shard owns, targets files and their
+//!   watcher).
 //! - [`collector`]: collector packs (`queries/*.yaml`, compiled in, plus user packs) and
 //!   version resolution (`pack`); the background poll loop per target (`poller`: cluster
 //!   collectors on the main database, visits of the other databases within the target's
@@ -132,6 +134,10 @@ pub fn pollers(
     Ok((store, pollers))
 }
 
+/// How often the modification times of the targets files are compared with what they
+/// were when last read.
+const TARGETS_FILES_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How long stopping may take after the shutdown signal, before the cancel requests of
 /// aborted queries (≤ 1 s) and the runtime's own shutdown (≤ 1 s, `main.rs`): together the
 /// process exits within 5 s of SIGTERM or SIGINT, however slow a target or the OTLP
@@ -146,7 +152,8 @@ pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send>;
 /// re-reads the configuration: a valid one is applied target by target (see [`reload`]:
 /// unchanged targets keep running untouched; the listen address needs a restart); an
 /// invalid one is logged and ignored. Either way `pgvigil_config_last_reload_successful`
-/// says which.
+/// says which. A change of the config's targets files (looked at every 2 s)
+/// reloads the same way, without a `SIGHUP`.
 pub async fn run(
     config: Config,
     reload: Option<Reload>,
@@ -180,8 +187,20 @@ pub async fn run(
         start_self_spans(&config)?;
     }
     store.record_reload(true, std::time::SystemTime::now());
+    let shard = match config.shard {
+        Some(shard) => format!(
+            ", shard {shard}: {} of {} targets polled here",
+            config
+                .targets
+                .iter()
+                .filter(|t| config.owns(&t.name))
+                .count(),
+            config.targets.len()
+        ),
+        None => String::new(),
+    };
     tracing::info!(
-        "pgvigil {} listening on {scheme}://{addr}/metrics ({} targets, {} collectors)",
+        "pgvigil {} listening on {scheme}://{addr}/metrics ({} targets, {} collectors{shard})",
         env!("CARGO_PKG_VERSION"),
         config.targets.len(),
         catalog.collectors.len()
@@ -202,15 +221,23 @@ pub async fn run(
         http_stop_rx,
     ));
     let mut hup = hangups(reload.is_some());
+    // The targets files of the running configuration, compared every few seconds with
+    // what they were when read; a change reloads as a SIGHUP does.
+    let mut watch = reload
+        .as_ref()
+        .and_then(|_| config::fleet::TargetsWatch::of(&config));
+    let mut ticks = tokio::time::interval(TARGETS_FILES_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        let why = tokio::select! {
             _ = &mut shutdown => break,
             _ = registry.changed() => {
                 let (base, catalog) = &current;
                 if let Err(e) = running.apply(&with_probed(base, &registry), catalog).await {
                     tracing::error!("cannot start a target registered by /probe: {e}");
                 }
+                continue;
             }
             _ = expiry.tick() => {
                 if registry.expire(current.0.probe.forget_after.0) {
@@ -219,33 +246,43 @@ pub async fn run(
                         tracing::error!("cannot drop a target registered by /probe: {e}");
                     }
                 }
+                continue;
             }
-            _ = next_hangup(&mut hup) => {
-                let Some(reload) = &reload else { continue };
-                let applied = match reread(reload, config.listen) {
-                    Ok((next, catalog)) => {
-                        let r = running
-                            .apply(&with_probed(&next, &registry), &catalog)
-                            .await
-                            .map_err(|e| e.to_string());
-                        if r.is_ok() {
-                            registry.set_modules(next.auth_modules.clone());
-                            current = (next, catalog);
-                        }
-                        r
-                    }
-                    Err(e) => Err(e),
-                };
-                match applied {
-                    Ok(summary) => {
-                        store.record_reload(true, std::time::SystemTime::now());
-                        tracing::info!("configuration reloaded: {summary}");
-                    }
-                    Err(e) => {
-                        store.record_reload(false, std::time::SystemTime::now());
-                        tracing::error!("configuration reload rejected, the running configuration stays: {e}");
-                    }
+            _ = next_hangup(&mut hup) => "SIGHUP",
+            _ = ticks.tick(), if watch.is_some() => {
+                if !watch.as_mut().is_some_and(|w| w.changed()) {
+                    continue;
                 }
+                "a change of the targets files"
+            }
+        };
+        let Some(reload) = &reload else { continue };
+        let applied = match reread(reload, config.listen) {
+            Ok((next, catalog)) => {
+                let r = running
+                    .apply(&with_probed(&next, &registry), &catalog)
+                    .await
+                    .map_err(|e| e.to_string());
+                if r.is_ok() {
+                    registry.set_modules(next.auth_modules.clone());
+                    // Watch what the new configuration names (its patterns may differ).
+                    watch = config::fleet::TargetsWatch::of(&next);
+                    current = (next, catalog);
+                }
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match applied {
+            Ok(summary) => {
+                store.record_reload(true, std::time::SystemTime::now());
+                tracing::info!("configuration reloaded: {summary} (after {why})");
+            }
+            Err(e) => {
+                store.record_reload(false, std::time::SystemTime::now());
+                tracing::error!(
+                    "configuration reload rejected (after {why}), the running configuration stays: {e}"
+                );
             }
         }
     }

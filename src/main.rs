@@ -28,6 +28,11 @@ struct Cli {
         env = "PGVIGIL_WEB_CONFIG_FILE"
     )]
     web_config_file: Option<PathBuf>,
+    /// Fleet mode: poll only the targets whose name hashes to shard I of N (`I/N`, e.g.
+    /// 0/3), or `auto/N` to take I from the host name's trailing -<ordinal> (a StatefulSet
+    /// pod). Overrides `shard` in the config.
+    #[arg(long, global = true, env = "PGVIGIL_SHARD", value_parser = parse_shard)]
+    shard: Option<pgvigil::config::Shard>,
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -210,15 +215,30 @@ fn self_spans_wanted(cli: &Cli) -> bool {
         return false;
     }
     tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
-        load_config(cli.config.as_ref(), cli.listen, None).is_ok_and(|c| c.tracing.self_spans)
+        let over = Overrides {
+            listen: cli.listen,
+            web: None,
+            shard: cli.shard,
+        };
+        load_config(cli.config.as_ref(), over).is_ok_and(|c| c.tracing.self_spans)
     })
 }
 
-fn load_config(
-    path: Option<&PathBuf>,
+/// `--shard I/N` or `auto/N` (see [`pgvigil::config::Shard::parse_arg`]).
+fn parse_shard(s: &str) -> Result<pgvigil::config::Shard, String> {
+    pgvigil::config::Shard::parse_arg(s, pgvigil::config::fleet::hostname)
+}
+
+/// Overrides from the command line (or their environment variables).
+#[derive(Clone, Copy)]
+struct Overrides<'a> {
     listen: Option<std::net::SocketAddr>,
-    web: Option<&PathBuf>,
-) -> Result<Config, String> {
+    web: Option<&'a PathBuf>,
+    shard: Option<pgvigil::config::Shard>,
+}
+
+fn load_config(path: Option<&PathBuf>, cli: Overrides<'_>) -> Result<Config, String> {
+    let Overrides { listen, web, shard } = cli;
     let mut config = match path {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -232,6 +252,9 @@ fn load_config(
     if let Some(w) = web {
         config.web_config_file = Some(w.clone());
     }
+    if shard.is_some() {
+        config.shard = shard;
+    }
     Ok(config)
 }
 
@@ -244,16 +267,28 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn real_main(cli: Cli) -> Result<(), Failure> {
+    let over = Overrides {
+        listen: cli.listen,
+        web: cli.web_config_file.as_ref(),
+        shard: cli.shard,
+    };
     match cli.command {
         None => {
-            let config = load_config(
-                cli.config.as_ref(),
+            let config = load_config(cli.config.as_ref(), over)?;
+            let (path, listen, web, shard) = (
+                cli.config.clone(),
                 cli.listen,
-                cli.web_config_file.as_ref(),
-            )?;
-            let (path, listen, web) = (cli.config.clone(), cli.listen, cli.web_config_file.clone());
-            let reload: pgvigil::Reload =
-                Box::new(move || load_config(path.as_ref(), listen, web.as_ref()));
+                cli.web_config_file.clone(),
+                cli.shard,
+            );
+            let reload: pgvigil::Reload = Box::new(move || {
+                let cli = Overrides {
+                    listen,
+                    web: web.as_ref(),
+                    shard,
+                };
+                load_config(path.as_ref(), cli)
+            });
             let rt = runtime()?;
             let result = rt
                 .block_on(pgvigil::run(
@@ -281,7 +316,7 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
                     return Ok(());
                 }
             }
-            let config = load_config(file, cli.listen, cli.web_config_file.as_ref())?;
+            let config = load_config(file, over)?;
             if let Some(web) = &config.web_config_file {
                 pgvigil::web::Web::load(web).map_err(|e| e.to_string())?;
             }
@@ -306,7 +341,7 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
             }
         }
         Some(Command::Once) => {
-            let config = load_config(cli.config.as_ref(), cli.listen, None)?;
+            let config = load_config(cli.config.as_ref(), Overrides { web: None, ..over })?;
             let report = runtime()?
                 .block_on(pgvigil::once(&config))
                 .map_err(|e| e.to_string())?;
@@ -321,11 +356,7 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
             }
         }
         Some(Command::Healthcheck) => {
-            let config = load_config(
-                cli.config.as_ref(),
-                cli.listen,
-                cli.web_config_file.as_ref(),
-            )?;
+            let config = load_config(cli.config.as_ref(), over)?;
             let tls = match &config.web_config_file {
                 Some(web) => pgvigil::web::Web::load(web)
                     .map_err(|e| e.to_string())?

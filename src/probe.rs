@@ -114,6 +114,9 @@ pub fn target_config(target: &str, module: &AuthModule) -> Result<TargetConfig, 
         labels: BTreeMap::new(),
         databases: Default::default(),
         max_connections: Default::default(),
+        file: None,
+        // Prometheus chose this instance: it polls the target whatever its shard.
+        probed: true,
     })
 }
 

@@ -198,7 +198,9 @@ impl Running {
         config: &Config,
         catalog: &Catalog,
     ) -> Result<Summary, StartError> {
+        // Only the targets of this instance's shard (all without `shard:`).
         let targets = config.resolve_targets(&process_env)?;
+        let owned = targets.len();
         let tracing = trace::plan(config, catalog, &process_env)?;
         let was_ready = self.started && self.store.ready();
         // The activity sampler's collectors run on the sampler, not in the poller.
@@ -324,6 +326,7 @@ impl Running {
             }
             self.targets.insert(target.name.clone(), running);
         }
+        self.store.record_shard(config.shard().to_string(), owned);
         if let Some(e) = failed {
             return Err(e.into());
         }

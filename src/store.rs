@@ -130,6 +130,9 @@ pub struct Store {
     generation: AtomicU64,
     /// `None` until a configuration was loaded (e.g. never in `pgvigil once`).
     reload: Mutex<Option<ReloadHealth>>,
+    /// This instance's shard (`I/N`) and how many targets it owns; `None` until a
+    /// configuration was applied.
+    shard: Mutex<Option<(String, usize)>>,
 }
 
 /// A snapshot and its exposition, encoded once when it was put, so scrapes only stitch.
@@ -199,6 +202,16 @@ impl Store {
 
     pub fn reload_health(&self) -> Option<ReloadHealth> {
         *self.reload.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the shard of the applied configuration and how many targets it owns.
+    pub fn record_shard(&self, shard: String, targets: usize) {
+        *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = Some((shard, targets));
+        self.bump();
+    }
+
+    pub fn shard(&self) -> Option<(String, usize)> {
+        self.shard.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Stores a collector's new snapshot, encoding it here, in the poller, so that no scrape
@@ -337,10 +350,17 @@ impl Store {
         });
     }
 
-    /// Every target is ready (see [`TargetHealth::ready`]).
+    /// Every target is ready (see [`TargetHealth::ready`]). With no target, ready once a
+    /// configuration was applied: a fleet shard that owns none, or targets files that name
+    /// none yet, have nothing to wait for.
     pub fn ready(&self) -> bool {
         let t = self.targets.lock().unwrap_or_else(|e| e.into_inner());
-        !t.is_empty() && t.values().all(|h| h.ready)
+        let applied = self
+            .shard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        (applied || !t.is_empty()) && t.values().all(|h| h.ready)
     }
 }
 

@@ -1,7 +1,7 @@
-//! The README cannot drift from the parser: every YAML block in it that is a pgvigil config or
-//! a collector pack passes `pgvigil check-config` (with its marked placeholders made real), the
-//! other YAML blocks (Prometheus and Alertmanager snippets) are YAML, and the collector table
-//! names every built-in collector with its pack.
+//! The README cannot drift from the parser: every YAML block in it that is a pgvigil config, a
+//! targets file or a collector pack passes `pgvigil check-config` (with its marked placeholders
+//! made real), the other YAML blocks (Prometheus and Alertmanager snippets) are YAML, and the
+//! collector table names every built-in collector with its pack.
 
 mod common;
 
@@ -115,10 +115,32 @@ fn every_config_and_pack_block_passes_check_config() {
             .replace("/etc/pgvigil/web.yml", web.to_str().unwrap())
     };
     assert!(yaml.len() >= 4, "README yaml blocks: {}", yaml.len());
-    let (mut configs, mut packs_checked, mut foreign) = (0, 0, 0);
+    let (mut configs, mut packs_checked, mut foreign, mut targets_files) = (0, 0, 0, 0);
     for (line, text) in &yaml {
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text)
             .unwrap_or_else(|e| panic!("README.md:{line}: not YAML: {e}\n{text}"));
+        if value.is_sequence() {
+            // A targets file (`targets_files`): checked as the only file of a config.
+            let targets = write(
+                dir.path(),
+                &format!("targets-{line}.yaml"),
+                &substitute(text),
+            );
+            let config = write(
+                dir.path(),
+                &format!("block-{line}.yaml"),
+                &format!("targets_files: [\"{}\"]\n", targets.display()),
+            );
+            let out = pgvigil().arg("check-config").arg(&config).output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("config OK"),
+                "README.md:{line}: the targets file does not load:\n{}\n--- block ---\n{text}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            targets_files += 1;
+            continue;
+        }
         let first_key = value
             .as_mapping()
             .and_then(|m| m.keys().next())
@@ -153,9 +175,10 @@ fn every_config_and_pack_block_passes_check_config() {
             configs += 1;
         }
     }
-    println!("README yaml blocks: {configs} configs, {packs_checked} packs, {foreign} foreign");
+    println!("README yaml blocks: {configs} configs, {packs_checked} packs, {targets_files} targets files, {foreign} foreign");
     assert!(configs >= 3, "the minimal, complete and tracing configs");
     assert!(packs_checked >= 1, "the pack example");
+    assert!(targets_files >= 1, "the targets file example");
 }
 
 #[test]

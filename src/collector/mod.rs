@@ -80,11 +80,33 @@ pub fn pack_plan_text(path: &std::path::Path) -> Result<String, pack::PackError>
 pub fn plan_text(config: &Config, catalog: &Catalog) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "listen: {}", config.listen);
-    let _ = writeln!(out, "targets:");
-    for t in &config.targets {
+    if let Some(shard) = config.shard {
+        let owned = config
+            .targets
+            .iter()
+            .filter(|t| config.owns(&t.name))
+            .count();
         let _ = writeln!(
             out,
-            "  {} (kind {}): {:?}, at most {} collector connections",
+            "shard: {shard}: this instance polls {owned} of {} targets (marked *)",
+            config.targets.len()
+        );
+    }
+    let _ = writeln!(out, "targets:");
+    for t in &config.targets {
+        let mark = if config.shard.is_some() && config.owns(&t.name) {
+            "* "
+        } else {
+            "  "
+        };
+        let from = t
+            .file
+            .as_ref()
+            .map(|f| format!(" (from {})", f.display()))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{mark}{} (kind {}): {:?}, at most {} collector connections{from}",
             t.name, t.kind, t.dsn, t.max_connections.0
         );
     }

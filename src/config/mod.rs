@@ -2,6 +2,7 @@
 //! validation. Every problem is reported with file, line and field; nothing here touches
 //! the network.
 
+pub mod fleet;
 mod types;
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::postgres::dsn::{describe, Dsn};
+pub use fleet::Shard;
 pub use types::{Interval, LabelName, MetricName, Pattern, TargetKind};
 
 use crate::postgres::password::PasswordSource;
@@ -41,9 +43,22 @@ pub struct Config {
     /// Address the HTTP server listens on.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// The PostgreSQL servers to monitor.
+    /// The PostgreSQL servers to monitor (after loading, with those of `targets_files`).
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+    /// Glob patterns of files with more targets (each a YAML list in the format of
+    /// `targets:`), relative to the config file's directory; re-read when they change.
+    #[serde(default)]
+    pub targets_files: Vec<String>,
+    /// Fleet mode: this instance polls only the targets whose name hashes to its shard.
+    #[serde(default)]
+    pub shard: Option<Shard>,
+    /// The config file's directory (relative `targets_files` patterns start there).
+    #[serde(skip)]
+    pub targets_files_base: Option<PathBuf>,
+    /// The targets files as they were when read, for [`fleet::TargetsWatch`].
+    #[serde(skip)]
+    pub targets_files_state: fleet::FilesState,
     /// Which collector packs run, and their default interval and timeout.
     #[serde(default)]
     pub collectors: CollectorsConfig,
@@ -287,6 +302,10 @@ impl Default for Config {
         Config {
             listen: default_listen(),
             targets: Vec::new(),
+            targets_files: Vec::new(),
+            shard: None,
+            targets_files_base: None,
+            targets_files_state: fleet::FilesState::new(),
             collectors: CollectorsConfig::default(),
             statements: StatementsConfig::default(),
             tables: TablesConfig::default(),
@@ -325,6 +344,13 @@ pub struct TargetConfig {
     /// databases (the activity sampler's own connection is counted apart).
     #[serde(default = "default_max_connections")]
     pub max_connections: MaxConnections,
+    /// The targets file this target comes from; `None` for the config file.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+    /// Registered by `/probe`: polled by the instance Prometheus probed, whatever shard
+    /// its name hashes to.
+    #[serde(skip)]
+    pub probed: bool,
 }
 
 /// A connection budget: at least 1.
@@ -469,7 +495,104 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(path, &text)
+        let mut config = Config::parse(path, &text)?;
+        config.targets_files_base = Some(
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf(),
+        );
+        config.add_targets_files(path, &text)?;
+        Ok(config)
+    }
+
+    /// Adds the targets of the files `targets_files` names, in file name order. Errors
+    /// name the file, line and column; a target name defined twice (in the config or any
+    /// file) is an error that says where both are.
+    fn add_targets_files(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let Some((patterns, base)) = self.targets_files_source() else {
+            return Ok(());
+        };
+        // Before reading: a file changed while it is read is seen as changed next time.
+        self.targets_files_state = fleet::files_state(&patterns, &base);
+        let files = fleet::expand(&patterns, &base).map_err(|(i, message)| {
+            let at = yaml::locate_key_after(text, "targets_files", 0);
+            let at = if i == 0 || at.0 == 0 {
+                at
+            } else {
+                yaml::locate_word(text, "targets_files", &patterns[i])
+            };
+            ConfigError::Yaml(YamlError::at(path, at, message))
+        })?;
+        let mut seen: BTreeMap<String, String> = self
+            .targets
+            .iter()
+            .map(|t| {
+                let at = yaml::locate(text, "name", &t.name);
+                (t.name.clone(), YamlError::at(path, at, "").to_string())
+            })
+            .collect();
+        for file in files {
+            let (targets, file_text) = fleet::read_targets_file(&file)?;
+            for (i, mut t) in targets.into_iter().enumerate() {
+                let at = yaml::locate(&file_text, "name", &t.name);
+                let here = YamlError::at(&file, at, "").to_string();
+                if t.name.is_empty() {
+                    return Err(
+                        YamlError::at(&file, at, format!("[{i}].name: must not be empty")).into(),
+                    );
+                }
+                if let Some(first) = seen.get(&t.name) {
+                    return Err(YamlError::at(
+                        &file,
+                        at,
+                        format!(
+                            "[{i}].name: duplicate target name {:?}, first defined at {}; names must be unique across the config and its targets files",
+                            t.name,
+                            first.trim_end_matches(": ")
+                        ),
+                    )
+                    .into());
+                }
+                if t.labels.keys().any(|k| k.0 == "target") {
+                    return Err(YamlError::at(
+                        &file,
+                        yaml::locate_key_after(&file_text, "target", at.0),
+                        format!(
+                            "[{i}].labels: `target` is set by pgvigil and cannot be overridden"
+                        ),
+                    )
+                    .into());
+                }
+                seen.insert(t.name.clone(), here);
+                t.file = Some(file.clone());
+                self.targets.push(t);
+            }
+        }
+        Ok(())
+    }
+
+    /// The `targets_files` patterns and the directory relative ones start from; `None`
+    /// without any.
+    pub fn targets_files_source(&self) -> Option<(Vec<String>, PathBuf)> {
+        if self.targets_files.is_empty() {
+            return None;
+        }
+        let base = self
+            .targets_files_base
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("."));
+        Some((self.targets_files.clone(), base))
+    }
+
+    /// The shard this instance is (`0/1`, all targets, when none is configured).
+    pub fn shard(&self) -> Shard {
+        self.shard.unwrap_or_default()
+    }
+
+    /// Whether this instance polls the target called `name` (see [`Shard::owns`]).
+    pub fn owns(&self, name: &str) -> bool {
+        self.shard().owns(name)
     }
 
     /// Parses config text; `path` is only used in messages.
@@ -506,6 +629,17 @@ impl Config {
 
     /// Checks that span several fields, located in the source text.
     fn check(&self, path: &Path, text: &str) -> Result<(), YamlError> {
+        if let Some(problem) = self.shard.as_ref().and_then(Shard::problem) {
+            let at = yaml::locate_key_after(text, "shard", 0);
+            let field = if problem.starts_with("total") {
+                "total"
+            } else {
+                "index"
+            };
+            let inner = yaml::locate_key_after(text, field, at.0);
+            let at = if inner.0 == 0 { at } else { inner };
+            return Err(YamlError::at(path, at, format!("shard.{field}: {problem}")));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, t) in self.targets.iter().enumerate() {
             let at = yaml::locate(text, "name", &t.name);
@@ -547,13 +681,16 @@ impl Config {
                 .parse()
                 .map_err(|e| ConfigError::Invalid(format!("PGVIGIL_LISTEN={listen:?}: {e}")))?;
         }
-        if self.targets.is_empty() {
+        // With targets files, no target is a valid state (the files may be empty for now).
+        if self.targets.is_empty() && self.targets_files.is_empty() {
             self.targets.push(target_from_env(env)?);
         }
         Ok(())
     }
 
-    /// Resolves passwords and labels of every target.
+    /// Resolves passwords and labels of every target this instance owns (all of them
+    /// without `shard:`; those `/probe` registered here too); the others are neither read
+    /// nor polled.
     pub fn resolve_targets(
         &self,
         env: &dyn Fn(&str) -> Option<String>,
@@ -561,6 +698,7 @@ impl Config {
         self.targets
             .iter()
             .enumerate()
+            .filter(|(_, t)| t.probed || self.owns(&t.name))
             .map(|(i, t)| {
                 let mut pg = t.dsn.0.clone();
                 if let Some(file) = &t.password_file {
@@ -569,6 +707,14 @@ impl Config {
                             "targets[{i}].password_file: {}: cannot read: {source}",
                             file.display()
                         );
+                        if let Some(origin) = &t.file {
+                            return ConfigError::Invalid(format!(
+                                "{}: target {:?}: password_file: {}: cannot read: {source}",
+                                origin.display(),
+                                t.name,
+                                file.display()
+                            ));
+                        }
                         match &self.collectors.source {
                             Some((path, text)) => {
                                 let at = yaml::locate_after(
@@ -675,6 +821,8 @@ fn target_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<TargetConfig,
         labels: BTreeMap::new(),
         databases: DatabaseFilter::default(),
         max_connections: default_max_connections(),
+        file: None,
+        probed: false,
     })
 }
 
@@ -779,6 +927,145 @@ mod tests {
         let e = parse("targets:\n  - name: a\n    dsn: host=a\n  - name: a\n    dsn: host=b\n")
             .unwrap_err();
         assert!(e.contains("duplicate target name"), "{e}");
+    }
+
+    #[test]
+    fn shard_is_validated_with_its_location() {
+        let c = parse("shard: {index: 1, total: 2}\n").unwrap();
+        assert_eq!(c.shard, Some(Shard { index: 1, total: 2 }));
+        let e = parse("listen: 127.0.0.1:1\nshard:\n  index: 2\n  total: 2\n").unwrap_err();
+        assert!(e.starts_with("pgvigil.yaml:3:"), "{e}");
+        assert!(
+            e.contains("shard.index: index 2 must be less than total 2"),
+            "{e}"
+        );
+        let e = parse("shard:\n  index: 0\n  total: 0\n").unwrap_err();
+        assert!(e.starts_with("pgvigil.yaml:3:"), "{e}");
+        assert!(e.contains("shard.total: total must be at least 1"), "{e}");
+        let e = parse("shard: {index: -1, total: 2}\n").unwrap_err();
+        assert!(e.starts_with("pgvigil.yaml:1:"), "{e}");
+        let e = parse("shard: {index: 0, count: 2}\n").unwrap_err();
+        assert!(e.contains("unknown field `count`"), "{e}");
+    }
+
+    #[test]
+    fn targets_files_add_targets_with_located_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("targets")).unwrap();
+        let config = d.join("pgvigil.yaml");
+        std::fs::write(
+            &config,
+            "targets:\n  - name: main\n    dsn: host=h\ntargets_files: [\"targets/*.yaml\"]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("targets/a.yaml"),
+            "- name: a1\n  dsn: host=a\n  labels: {env: a}\n- name: a2\n  dsn: host=a\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("targets/b.yaml"), "").unwrap();
+        std::fs::write(d.join("targets/ignored.txt"), "not yaml: [").unwrap();
+        std::fs::write(d.join("targets/.#a.yaml"), "not yaml: [").unwrap();
+        let c = Config::load(&config).unwrap();
+        let names: Vec<&str> = c.targets.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["main", "a1", "a2"]);
+        assert_eq!(
+            c.targets[1].file.as_deref(),
+            Some(d.join("targets/a.yaml").as_path())
+        );
+        assert_eq!(c.targets_files_state.len(), 2);
+
+        // A type error: file, line and column of the value.
+        std::fs::write(
+            d.join("targets/b.yaml"),
+            "- name: b1\n  dsn: host=b\n  max_connections: 0\n",
+        )
+        .unwrap();
+        let e = Config::load(&config).unwrap_err().to_string();
+        let b = d.join("targets/b.yaml").display().to_string();
+        assert!(e.starts_with(&format!("{b}:3:")), "{e}");
+        assert!(e.contains("max_connections"), "{e}");
+
+        // Broken YAML.
+        std::fs::write(d.join("targets/b.yaml"), "- name: b1\n  dsn: [host=b\n").unwrap();
+        let e = Config::load(&config).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{b}:")), "{e}");
+
+        // A duplicate name across the config and a file: both places named.
+        std::fs::write(
+            d.join("targets/b.yaml"),
+            "- name: x\n  dsn: host=b\n- name: main\n  dsn: host=b\n",
+        )
+        .unwrap();
+        let e = Config::load(&config).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{b}:3:3: [1].name: duplicate target name \"main\""
+            )),
+            "{e}"
+        );
+        assert!(
+            e.contains("first defined at ") && e.contains("pgvigil.yaml:2:5"),
+            "{e}"
+        );
+
+        // Across two files.
+        std::fs::write(d.join("targets/b.yaml"), "- name: a2\n  dsn: host=b\n").unwrap();
+        let e = Config::load(&config).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{b}:1:3: [0].name: duplicate target name \"a2\"")),
+            "{e}"
+        );
+        assert!(e.contains("a.yaml:4:3"), "{e}");
+
+        // An unknown field.
+        std::fs::write(
+            d.join("targets/b.yaml"),
+            "- name: b1\n  dsn: host=b\n  bogus: 1\n",
+        )
+        .unwrap();
+        let e = Config::load(&config).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{b}:3:")), "{e}");
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+
+        // A bad pattern is located in the config.
+        std::fs::write(&config, "targets_files: [\"targets/[.yaml\"]\n").unwrap();
+        let e = Config::load(&config).unwrap_err().to_string();
+        assert!(
+            e.contains("pgvigil.yaml:1:1: targets_files[0]: invalid pattern"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn only_owned_targets_are_resolved() {
+        let mut yaml = String::from("shard: {index: 1, total: 3}\ntargets:\n");
+        for i in 0..30 {
+            yaml.push_str(&format!("  - {{name: t{i}, dsn: host=h}}\n"));
+        }
+        let c = parse(&yaml).unwrap();
+        let mine: Vec<String> = c
+            .resolve_targets(&|_| None)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert!(!mine.is_empty() && mine.len() < 30, "{mine:?}");
+        for t in &c.targets {
+            assert_eq!(mine.contains(&t.name), fleet::owner(&t.name, 3) == 1);
+        }
+        // A target /probe registered here is polled here, whatever its name hashes to.
+        let mut c = c;
+        let other = c.targets.iter().position(|t| !c.owns(&t.name)).unwrap();
+        c.targets[other].probed = true;
+        let resolved = c.resolve_targets(&|_| None).unwrap();
+        assert!(resolved.iter().any(|t| t.name == c.targets[other].name));
+        assert_eq!(resolved.len(), mine.len() + 1);
+        // Without targets: the environment's target only when no targets files are named.
+        let mut c = parse("targets_files: [/nonexistent/*.yaml]\n").unwrap();
+        c.apply_env(&|_| None).unwrap();
+        assert!(c.targets.is_empty());
     }
 
     #[test]

@@ -188,6 +188,8 @@ impl Demo {
                 labels: Default::default(),
                 databases: Default::default(),
                 max_connections: Default::default(),
+                file: None,
+                probed: false,
             });
         }
         Ok(config)

@@ -25,6 +25,7 @@ pub fn command() -> Command {
         "PGVIGIL_CONFIG",
         "PGVIGIL_LISTEN",
         "PGVIGIL_LOG",
+        "PGVIGIL_SHARD",
         "DATA_SOURCE_NAME",
         "PGHOST",
         "PGPORT",
