@@ -66,7 +66,7 @@ fn two_shards_split_twenty_targets_each_polled_by_exactly_one() {
         let owned: BTreeSet<String> = text
             .lines()
             .filter_map(|l| l.strip_prefix("* "))
-            .filter_map(|l| l.split(':').next())
+            .filter_map(|l| l.split([':', ' ']).next())
             .map(str::to_string)
             .collect();
         assert!(
