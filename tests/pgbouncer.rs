@@ -281,3 +281,61 @@ fn bouncer_restart_turns_its_pg_up_and_leaves_postgres_alone() {
         (up && fresh).then_some(())
     });
 }
+
+/// `check-config --connect` runs each kind's own collectors: the PgBouncer packs on the
+/// bouncer (all ok), the PostgreSQL packs on PostgreSQL, never one on the other.
+#[test]
+fn check_connect_runs_each_kinds_collectors_on_it() {
+    let pg = common::cluster(&[]);
+    let bouncer = TempPgBouncer::start(&pg, &PgBouncerOptions::default())
+        .unwrap_or_else(|e| panic!("start PgBouncer: {e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write(
+        dir.path(),
+        "pgvigil.yaml",
+        &format!(
+            "targets:\n  - name: {POSTGRES}\n    dsn: \"{}\"\n  - name: {BOUNCER}\n    kind: pgbouncer\n    dsn: \"{}\"\n",
+            pg.dsn(),
+            bouncer.dsn_for("pgvigil", "pgvigil-secret", "pgbouncer"),
+        ),
+    );
+    let out = common::binary::command()
+        .arg("check-config")
+        .arg(&config)
+        .arg("--connect")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ctx = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{ctx}");
+    let section = |name: &str| {
+        let start = stdout
+            .find(&format!("target {name} ("))
+            .unwrap_or_else(|| panic!("no section for {name}\n{ctx}"));
+        let rest = &stdout[start..];
+        let end = rest[1..].find("\ntarget ").map_or(rest.len(), |e| e + 1);
+        rest[..end].to_string()
+    };
+    let b = section(BOUNCER);
+    for c in [
+        "pgbouncer_pools",
+        "pgbouncer_stats",
+        "pgbouncer_databases",
+        "pgbouncer_config",
+    ] {
+        assert!(
+            b.lines()
+                .any(|l| l.trim_start().starts_with(c) && l.contains(" ok")),
+            "{c} ok on the bouncer\n{ctx}"
+        );
+    }
+    assert!(
+        !b.contains("pg_stat_statements") && !b.contains("\n  database "),
+        "{ctx}"
+    );
+    let p = section(POSTGRES);
+    assert!(
+        !p.contains("pgbouncer_"),
+        "no PgBouncer collector on PostgreSQL\n{ctx}"
+    );
+}

@@ -162,7 +162,18 @@ fn top_n_keeps_the_largest_oldest_and_deadest_tables_and_other_adds_up() {
          SELECT count(*) FROM small_7; SELECT count(*) FROM small_8; SELECT count(*) FROM small_9;",
     )
     .unwrap();
-    let s = poller.poll();
+    // The scans reach pg_stat_user_tables when psql's backend flushes its statistics on
+    // exit, which can come a moment after psql returned: poll until they are there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let s = loop {
+        let s = poller.poll();
+        if other(&s, "pg_table_seq_scans_total") >= seq0 + 2.0
+            || std::time::Instant::now() > deadline
+        {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
     let names2 = tables_of(&s, "app");
     assert!(names2.contains("small_7"), "{names2:?}");
     let seq1 = other(&s, "pg_table_seq_scans_total");

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crate::collector::pack::{Catalog, CollectorDef};
 use crate::collector::poller::TargetPoller;
-use crate::config::Config;
+use crate::config::{Config, TargetKind};
 use crate::postgres::{dsn, ErrorKind, PgError};
 use crate::store::Store;
 use crate::trace::activity::query_size_bytes;
@@ -157,8 +157,17 @@ impl Report {
 /// `catalog` once on its main database.
 pub async fn run(config: &Config, catalog: &Catalog) -> Result<Report, StartError> {
     let targets = config.resolve_targets(&process_env)?;
-    let collectors = Arc::new(catalog.collectors.clone());
     let checks = targets.into_iter().map(|target| {
+        // Only the packs of the target's kind run on it (PostgreSQL or PgBouncer).
+        let kind = target.kind;
+        let collectors: Arc<Vec<CollectorDef>> = Arc::new(
+            catalog
+                .collectors
+                .iter()
+                .filter(|c| c.kind == kind)
+                .cloned()
+                .collect(),
+        );
         let name = target.name.clone();
         let (host, port) = dsn::server(&target.pg.0);
         let server = format!("{host}:{port}/{}", dsn::database(&target.pg.0));
@@ -170,9 +179,8 @@ pub async fn run(config: &Config, catalog: &Catalog) -> Result<Report, StartErro
             config.tables,
             Store::new(),
         );
-        let collectors = Arc::clone(&collectors);
         async move {
-            let reached = check_target(&poller, &collectors).await;
+            let reached = check_target(&poller, &collectors, kind).await;
             TargetCheck {
                 name,
                 server,
@@ -188,7 +196,25 @@ pub async fn run(config: &Config, catalog: &Catalog) -> Result<Report, StartErro
 async fn check_target(
     poller: &TargetPoller,
     collectors: &[CollectorDef],
+    kind: TargetKind,
 ) -> Result<Reached, String> {
+    if kind == TargetKind::Pgbouncer {
+        // The admin console has no settings to read: its collectors say whether it answers.
+        let mut results = Vec::with_capacity(collectors.len());
+        for def in collectors {
+            let verdict = Verdict::from_result(def, poller.try_collector(def).await);
+            let problem = verdict.is_problem(def);
+            results.push((def.name.0.clone(), verdict, problem));
+        }
+        if results.iter().all(|r| r.2) {
+            return Err("the PgBouncer admin console answered none of its collectors".into());
+        }
+        return Ok(Reached {
+            version: "PgBouncer".into(),
+            collectors: results,
+            warnings: Vec::new(),
+        });
+    }
     let rows = poller
         .query_main(
             "SELECT current_setting('server_version'), current_setting('track_activity_query_size')",
