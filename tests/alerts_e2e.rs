@@ -438,7 +438,9 @@ fn workload_thread(pg: &TempCluster, via: &str) -> (Stop, std::thread::JoinHandl
         let mut i = 0u64;
         while !flag.load(Ordering::Relaxed) {
             let sql = match i % 4 {
-                0 => "SELECT pg_sleep(0.01)",
+                // Long enough that the activity sampler (every 500 ms) sees it running,
+                // so a top-N query has DB load for the "queries by load" panels.
+                0 => "SELECT pg_sleep(0.2)",
                 1 => "BEGIN; INSERT INTO t VALUES (1); ROLLBACK",
                 2 => {
                     "SET work_mem = '64kB'; \
@@ -473,6 +475,10 @@ fn wait_for_panels(prom: &Prometheus) {
         "pg_settings_pending_restart",
         "pg_replication_slot_retained_bytes",
         "rate(pg_activity_active_seconds_total[30s])",
+        // A top-N query with DB load and its text: the join of the "queries by load" panels.
+        "sum by (target, queryid) (rate(pg_activity_active_seconds_total{queryid!~\"other|\"}[10m])) \
+         * on (target, queryid) group_left (query) \
+         max by (target, queryid, query) (pg_stat_statements_query_info{queryid!=\"other\"})",
     ];
     let mut missing: Vec<&str> = want.to_vec();
     while Instant::now() < deadline {
