@@ -28,8 +28,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::metric::MetricType;
+use crate::metric::Snapshot;
 use crate::metric::{Family, Sample};
-use crate::store::Snapshot;
 
 /// Which exposition format to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

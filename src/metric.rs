@@ -42,3 +42,9 @@ impl MetricType {
         }
     }
 }
+
+/// Everything one collector produced in one poll of one database.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub families: Vec<Family>,
+}

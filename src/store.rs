@@ -8,14 +8,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::exposition::Encoded;
-use crate::metric::Family;
 use crate::postgres::ErrorKind;
 
-/// Everything one collector produced in one poll of one database.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Snapshot {
-    pub families: Vec<Family>,
-}
+pub use crate::metric::Snapshot;
 
 /// `(target, collector, database)`; database is "" for cluster-scope collectors.
 pub type Key = (String, String, String);

@@ -3,6 +3,7 @@
 //! the network.
 
 pub mod fleet;
+pub mod probe;
 mod types;
 
 use std::collections::BTreeMap;
@@ -79,10 +80,10 @@ pub struct Config {
     pub web_config_file: Option<PathBuf>,
     /// Credentials for targets registered by `/probe?target=…&auth_module=NAME`.
     #[serde(default)]
-    pub auth_modules: BTreeMap<String, crate::probe::AuthModule>,
+    pub auth_modules: BTreeMap<String, probe::AuthModule>,
     /// How long a target registered by `/probe` lives without being probed.
     #[serde(default)]
-    pub probe: crate::probe::ProbeConfig,
+    pub probe: probe::ProbeConfig,
 }
 
 /// The `activity:` section: the per-target `pg_stat_activity` sampler, which feeds

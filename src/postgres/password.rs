@@ -71,7 +71,12 @@ pub fn lookup(text: &str, config: &tokio_postgres::Config) -> Option<String> {
         .copied()
         .unwrap_or(5432)
         .to_string();
-    let database = super::dsn::database(config).to_string();
+    // libpq's default database is the user name.
+    let database = config
+        .get_dbname()
+        .or_else(|| config.get_user())
+        .unwrap_or("postgres")
+        .to_string();
     let user = config.get_user().unwrap_or("").to_string();
     let wanted = [host, port, database, user];
     text.lines()
