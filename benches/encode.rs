@@ -6,8 +6,9 @@
 //!   the poller: `put/N` times that), then `/metrics` builds its body: stitching ready
 //!   bytes plus the self-metrics. `…_gzip` adds compressing the body.
 //! - `gzip_level/L`: compressing a 5,000-statement exposition (top 100 queries with texts
-//!   plus `other`; or the scrape saved in the file `PGVIGIL_BENCH_BODY`) at level L; the
-//!   compressed size is printed once per level.
+//!   plus `other`; or the scrape saved in the file `PGVIGIL_BENCH_BODY`) as one gzip piece
+//!   (what the store does once per changed snapshot) at level L; the compressed size is
+//!   printed once per level.
 //! - `window/5000`: the window statistics of 5,000 entries between two polls.
 //!
 //! The series look like the statements collector's: target, datname, user, a 19-digit
@@ -18,6 +19,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use pgvigil::collector::steps::window::{window, Cumulative};
+use pgvigil::deflate;
 use pgvigil::exposition::{self, Format};
 use pgvigil::http::Server;
 use pgvigil::metric::{Family, MetricType, Sample};
@@ -171,25 +173,19 @@ fn statements_exposition() -> Vec<u8> {
 }
 
 fn gzip_levels(c: &mut Criterion) {
-    use std::io::Write as _;
     // A real scrape saved to a file (`curl -s …/metrics > body.txt`) when given.
     let body = match std::env::var_os("PGVIGIL_BENCH_BODY") {
         Some(path) => std::fs::read(path).expect("PGVIGIL_BENCH_BODY is readable"),
         None => statements_exposition(),
     };
-    let compress = |level: u32| {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
-        gz.write_all(&body).unwrap();
-        gz.finish().unwrap()
-    };
-    for level in [1, 2, 3, 6, 9] {
+    for level in [1, 2, 3, 4, 6, 9] {
         eprintln!(
-            "gzip level {level}: {} → {} bytes",
+            "deflate piece level {level}: {} → {} bytes",
             body.len(),
-            compress(level).len()
+            deflate::piece_at(&body, level).len()
         );
         c.bench_function(&format!("gzip_level/{level}"), |b| {
-            b.iter(|| compress(black_box(level)))
+            b.iter(|| deflate::piece_at(black_box(&body), level))
         });
     }
 }

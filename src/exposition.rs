@@ -6,17 +6,19 @@
 //! `Accept` header read it. Family names are grouped across snapshots: the formats require
 //! all samples of a family to be contiguous.
 //!
-//! Encoding happens when a snapshot changes, not when it is scraped: [`Encoded::new`] turns
-//! one snapshot (a *part*) into both formats at once, split per family into a header
-//! (`# HELP`/`# TYPE`) and its sample lines. A scrape then only [`stitch`]es ready bytes:
-//! for each family name, in name order, the header of its first part and the sample lines
-//! of every part, in part order. That is exactly what encoding all snapshots together
-//! writes, byte for byte (the tests below hold the two side by side).
+//! Encoding happens when a snapshot changes, not when it is scraped: the store makes an
+//! [`Encoded`] part of each snapshot it is given ([`Encoded::new_like`]), in the formats
+//! scrapes asked for, split per family into a header (`# HELP`/`# TYPE`) and its sample
+//! lines. A scrape then only [`stitch`]es ready bytes: for each family name, in name
+//! order, the header of its first part and the sample lines of every part, in part order.
+//! That is exactly what encoding all snapshots together writes, byte for byte (the tests
+//! below hold the two side by side). For gzip, [`stitch_gzip`] joins pieces of the parts
+//! compressed ahead of time (see [`crate::deflate`]) into one gzip member.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use prometheus_client::collector::Collector;
@@ -27,6 +29,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::deflate;
 use crate::metric::MetricType;
 use crate::metric::Snapshot;
 use crate::metric::{Family, Sample};
@@ -92,121 +95,425 @@ pub fn encode(snapshots: Vec<Arc<Snapshot>>, extra: Vec<Family>, format: Format)
         .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-/// A part of the exposition (one snapshot, or the self-metrics) encoded in both formats,
-/// ready to be stitched with the other parts.
+/// A part of the exposition (one snapshot, or the self-metrics), encoded per format when
+/// first needed and then kept, ready to be stitched with the other parts.
 #[derive(Debug, Default)]
 pub struct Encoded {
-    text: Bytes,
-    openmetrics: Bytes,
+    snapshot: Arc<Snapshot>,
+    /// Its families' names in name order, and whether each has samples: all a layout
+    /// depends on. Shared with the previous version of the part when equal, so a scrape
+    /// sees an unchanged shape by pointer.
+    shape: Arc<Shape>,
+    /// The compression level of its pieces ([`deflate::LEVEL`]; lower for a part made
+    /// per scrape).
+    level: u32,
+    text: OnceLock<Form>,
+    openmetrics: OnceLock<Form>,
+    /// Runs of this part's bytes compressed for gzip bodies ([`deflate::piece`]), made
+    /// when a scrape first needs them or, for the runs the part's previous version
+    /// needed, when the part is stored. Locked only to look up or add a run.
+    deflated: Mutex<Vec<Deflated>>,
+}
+
+/// A part's families, in name order, each with whether it has samples.
+type Shape = Vec<(Arc<str>, bool)>;
+
+/// A part in one format: the bytes, and where each family lies in them.
+#[derive(Debug)]
+struct Form {
+    buf: Bytes,
     /// The part's families in name order, one per name.
     families: Vec<Chunk>,
 }
 
-/// Where one family lies in an [`Encoded`]'s buffers.
+/// One compressed run of an [`Encoded`]'s buffer.
 #[derive(Debug)]
-struct Chunk {
-    name: Arc<str>,
-    text: Lines,
-    openmetrics: Lines,
+struct Deflated {
+    format: Format,
+    range: Range<usize>,
+    bytes: Bytes,
 }
 
-/// A family in one format's buffer: `# HELP`/`# TYPE` in `header`, then its sample lines.
+/// A family in a buffer being encoded: `# HELP`/`# TYPE` in `header`, then its sample lines.
 #[derive(Debug, Clone)]
 struct Lines {
     header: Range<usize>,
     samples: Range<usize>,
 }
 
+/// Where one family lies in a [`Form`]'s buffer: `# HELP`/`# TYPE` in `header`, then its
+/// sample lines.
+#[derive(Debug)]
+struct Chunk {
+    name: Arc<str>,
+    header: Range<usize>,
+    samples: Range<usize>,
+}
+
 impl Encoded {
-    /// Encodes a snapshot in both formats.
+    /// A snapshot to encode: each format is encoded on first use.
     pub fn new(snapshot: &Arc<Snapshot>) -> Encoded {
-        let merged = merge(snapshot.families.iter());
-        let (text, text_lines) = encode_text_part(&merged);
-        let (openmetrics, om_lines) = encode_openmetrics_part(snapshot);
-        debug_assert_eq!(text_lines.len(), om_lines.len());
-        let families = merged
-            .keys()
-            .zip(text_lines.into_iter().zip(om_lines))
-            .map(|(name, (text, openmetrics))| Chunk {
-                name: Arc::from(*name),
-                text,
-                openmetrics,
-            })
+        let shape = merge(snapshot.families.iter())
+            .into_iter()
+            .map(|(name, m)| (Arc::from(name), !m.samples.is_empty()))
             .collect();
         Encoded {
-            text: Bytes::from(text),
-            openmetrics: Bytes::from(openmetrics),
-            families,
+            snapshot: Arc::clone(snapshot),
+            shape: Arc::new(shape),
+            level: deflate::LEVEL,
+            ..Encoded::default()
         }
     }
 
-    fn buffer(&self, format: Format) -> &Bytes {
+    /// A part made for one scrape (the self-metrics): encoded on use and compressed at
+    /// the fastest level, as nothing reuses it.
+    pub fn transient(snapshot: &Arc<Snapshot>) -> Encoded {
+        Encoded {
+            level: 1,
+            ..Encoded::new(snapshot)
+        }
+    }
+
+    /// The next version of a part, encoded now in the formats the previous version was
+    /// encoded in (both for a part's first version), and with the runs of it that gzip
+    /// scrapes of `previous` asked for compressed now (the same families, from the same
+    /// first family to the same last one). So, as long as the exposition's shape holds
+    /// (the same parts, holding the same family names), the scrape after a poll only
+    /// joins ready bytes, and a format nobody asks for is not encoded at every poll.
+    pub fn new_like(snapshot: &Arc<Snapshot>, previous: Option<&Encoded>) -> Encoded {
+        let mut encoded = Encoded::new(snapshot);
+        let Some(previous) = previous else {
+            encoded.form(Format::Text);
+            encoded.form(Format::OpenMetrics);
+            return encoded;
+        };
+        if encoded.shape == previous.shape {
+            encoded.shape = Arc::clone(&previous.shape);
+        }
+        for format in [Format::Text, Format::OpenMetrics] {
+            if previous.encoded_in(format).is_some() {
+                encoded.form(format);
+            }
+        }
+        let wanted: Vec<(Format, Range<usize>)> = previous
+            .deflated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|d| {
+                let (first, header, last) = previous.run_families(d.format, &d.range)?;
+                Some((
+                    d.format,
+                    encoded.run_range(d.format, &first, header, &last)?,
+                ))
+            })
+            .collect();
+        for (format, range) in wanted {
+            encoded.deflated(format, range);
+        }
+        encoded
+    }
+
+    fn cell(&self, format: Format) -> &OnceLock<Form> {
         match format {
             Format::Text => &self.text,
             Format::OpenMetrics => &self.openmetrics,
         }
     }
 
-    /// Bytes held (both formats).
+    fn encoded_in(&self, format: Format) -> Option<&Form> {
+        self.cell(format).get()
+    }
+
+    /// The part in `format`, encoded now if it was not yet.
+    fn form(&self, format: Format) -> &Form {
+        self.cell(format).get_or_init(|| {
+            let merged = merge(self.snapshot.families.iter());
+            let (buf, lines) = match format {
+                Format::Text => encode_text_part(&merged),
+                Format::OpenMetrics => encode_openmetrics_part(&self.snapshot),
+            };
+            debug_assert_eq!(merged.len(), lines.len());
+            debug_assert_eq!(merged.len(), self.shape.len());
+            let families = merged
+                .keys()
+                .zip(lines)
+                .map(|(name, l)| Chunk {
+                    name: Arc::from(*name),
+                    header: l.header,
+                    samples: l.samples,
+                })
+                .collect();
+            Form {
+                buf: Bytes::from(buf),
+                families,
+            }
+        })
+    }
+
+    /// Bytes held (the formats encoded so far, and the compressed runs).
     pub fn len(&self) -> usize {
-        self.text.len() + self.openmetrics.len()
+        let deflated: usize = self
+            .deflated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|d| d.bytes.len())
+            .sum();
+        let forms: usize = [Format::Text, Format::OpenMetrics]
+            .into_iter()
+            .filter_map(|f| self.encoded_in(f))
+            .map(|f| f.buf.len())
+            .sum();
+        forms + deflated
     }
 
     pub fn is_empty(&self) -> bool {
-        self.families.is_empty()
+        self.snapshot.families.is_empty()
+    }
+
+    /// `range` of the buffer in `format`, compressed: from the cache, or compressed now
+    /// and kept.
+    fn deflated(&self, format: Format, range: Range<usize>) -> Bytes {
+        let found = |d: &Vec<Deflated>| {
+            d.iter()
+                .find(|d| d.format == format && d.range == range)
+                .map(|d| d.bytes.clone())
+        };
+        if let Some(b) = found(&self.deflated.lock().unwrap_or_else(|e| e.into_inner())) {
+            return b;
+        }
+        let bytes = Bytes::from(deflate::piece_at(
+            &self.form(format).buf[range.clone()],
+            self.level,
+        ));
+        let mut d = self.deflated.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = found(&d) {
+            return b; // another scrape compressed it meanwhile
+        }
+        d.push(Deflated {
+            format,
+            range,
+            bytes: bytes.clone(),
+        });
+        bytes
+    }
+
+    /// The run `range` as family names: the first family, whether the run starts with its
+    /// header, and the last family. `None` when the range does not start and end at
+    /// family boundaries.
+    fn run_families(
+        &self,
+        format: Format,
+        range: &Range<usize>,
+    ) -> Option<(Arc<str>, bool, Arc<str>)> {
+        let families = &self.encoded_in(format)?.families;
+        let first = families
+            .iter()
+            .find(|c| c.header.start == range.start || c.samples.start == range.start)?;
+        let header = first.header.start == range.start;
+        let last = families.iter().rev().find(|c| c.samples.end == range.end)?;
+        Some((Arc::clone(&first.name), header, Arc::clone(&last.name)))
+    }
+
+    /// The byte range of a run given as [`Encoded::run_families`] describes it.
+    fn run_range(
+        &self,
+        format: Format,
+        first: &str,
+        header: bool,
+        last: &str,
+    ) -> Option<Range<usize>> {
+        let families = &self.form(format).families;
+        let find = |name: &str| {
+            families
+                .binary_search_by(|c| (*c.name).cmp(name))
+                .ok()
+                .map(|i| &families[i])
+        };
+        let (first, last) = (find(first)?, find(last)?);
+        let start = if header {
+            first.header.start
+        } else {
+            first.samples.start
+        };
+        (start <= last.samples.end).then_some(start..last.samples.end)
     }
 }
 
-impl Chunk {
-    fn lines(&self, format: Format) -> &Lines {
-        match format {
-            Format::Text => &self.text,
-            Format::OpenMetrics => &self.openmetrics,
+/// A run of bytes of one part's buffer that a stitched body copies whole.
+#[derive(Debug, PartialEq)]
+struct Piece {
+    part: usize,
+    range: Range<usize>,
+}
+
+/// A [`Piece`] by family positions, which hold while the parts' shapes hold: position
+/// `2k` is where family `k`'s header starts, `2k + 1` where its samples start, and `2n`
+/// the end of the part's `n` families.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Span {
+    part: usize,
+    start: usize,
+    end: usize,
+}
+
+impl Form {
+    /// The byte offset of position `pos` (see [`Span`]).
+    fn offset(&self, pos: usize) -> usize {
+        match self.families.get(pos / 2) {
+            Some(c) if pos % 2 == 0 => c.header.start,
+            Some(c) => c.samples.start,
+            None => self.families.last().map_or(0, |c| c.samples.end),
         }
     }
 }
 
-/// The exposition of `parts` in `format`: per family name, in name order, the header of
-/// the first part that has the family and the sample lines of every part, in part order;
-/// a family without any sample is left out. Only copies bytes.
-pub fn stitch(parts: &[&Encoded], format: Format) -> Vec<u8> {
-    struct Group<'a> {
-        header: &'a [u8],
-        samples: Vec<&'a [u8]>,
-        len: usize,
+/// What the exposition of parts with these shapes is made of: per family name, in name
+/// order, the header of the first part that has the family and the sample lines of every
+/// part, in part order; a family without any sample is left out. Neighbouring spans that
+/// are neighbours in one part are one span (with one target, most of a snapshot's
+/// families follow each other, so a snapshot is a few spans).
+fn layout_of(shapes: &[&Shape]) -> Vec<Span> {
+    struct Group {
+        header: Span,
+        samples: Vec<Span>,
     }
     let mut groups: BTreeMap<&str, Group> = BTreeMap::new();
-    for part in parts {
-        let buf = part.buffer(format).as_ref();
-        for chunk in &part.families {
-            let lines = chunk.lines(format);
-            let g = groups.entry(&chunk.name).or_insert_with(|| Group {
-                header: &buf[lines.header.clone()],
+    for (part, shape) in shapes.iter().enumerate() {
+        for (k, (name, has_samples)) in shape.iter().enumerate() {
+            let g = groups.entry(name).or_insert_with(|| Group {
+                header: Span {
+                    part,
+                    start: 2 * k,
+                    end: 2 * k + 1,
+                },
                 samples: Vec::new(),
-                len: 0,
             });
-            if !lines.samples.is_empty() {
-                g.samples.push(&buf[lines.samples.clone()]);
-                g.len += lines.samples.len();
+            if *has_samples {
+                g.samples.push(Span {
+                    part,
+                    start: 2 * k + 1,
+                    end: 2 * k + 2,
+                });
             }
         }
     }
-    let total: usize = groups
-        .values()
-        .filter(|g| g.len > 0)
-        .map(|g| g.header.len() + g.len)
-        .sum();
-    let mut out = Vec::with_capacity(total + EOF.len());
-    for g in groups.values().filter(|g| g.len > 0) {
-        out.extend_from_slice(g.header);
-        for s in &g.samples {
-            out.extend_from_slice(s);
+    let mut out: Vec<Span> = Vec::new();
+    for g in groups.into_values().filter(|g| !g.samples.is_empty()) {
+        for p in std::iter::once(g.header).chain(g.samples) {
+            match out.last_mut() {
+                Some(last) if last.part == p.part && last.end == p.start => last.end = p.end,
+                _ => out.push(p),
+            }
         }
+    }
+    out
+}
+
+/// The layout of `parts` in `format`, as byte ranges.
+fn layout(parts: &[&Encoded], format: Format) -> Vec<Piece> {
+    let shapes: Vec<&Shape> = parts.iter().map(|p| &*p.shape).collect();
+    resolve(parts, format, &layout_of(&shapes))
+}
+
+fn resolve(parts: &[&Encoded], format: Format, spans: &[Span]) -> Vec<Piece> {
+    spans
+        .iter()
+        .map(|s| {
+            let form = parts[s.part].form(format);
+            Piece {
+                part: s.part,
+                range: form.offset(s.start)..form.offset(s.end),
+            }
+        })
+        .collect()
+}
+
+/// Remembers the last layout, so that a scrape whose parts kept their shapes (the same
+/// family names, as after most polls) skips working it out again. A stored part that
+/// kept its shape shares it with its previous version, so the check is a pointer
+/// comparison; the self-metrics, made per scrape, are compared by value.
+#[derive(Debug, Default)]
+pub struct Layouts {
+    last: Mutex<Option<(Vec<Arc<Shape>>, Arc<Vec<Span>>)>>,
+}
+
+impl Layouts {
+    fn pieces(&self, parts: &[&Encoded], format: Format) -> Vec<Piece> {
+        let same = |shapes: &Vec<Arc<Shape>>| {
+            shapes.len() == parts.len()
+                && shapes
+                    .iter()
+                    .zip(parts)
+                    .all(|(s, p)| Arc::ptr_eq(s, &p.shape) || **s == *p.shape)
+        };
+        let cached = {
+            let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            last.as_ref()
+                .filter(|(shapes, _)| same(shapes))
+                .map(|(_, spans)| Arc::clone(spans))
+        };
+        let spans = cached.unwrap_or_else(|| {
+            let shapes: Vec<&Shape> = parts.iter().map(|p| &*p.shape).collect();
+            let spans = Arc::new(layout_of(&shapes));
+            let key = parts.iter().map(|p| Arc::clone(&p.shape)).collect();
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, Arc::clone(&spans)));
+            spans
+        });
+        resolve(parts, format, &spans)
+    }
+
+    /// [`stitch`], with the layout remembered.
+    pub fn stitch(&self, parts: &[&Encoded], format: Format) -> Vec<u8> {
+        concat(parts, format, &self.pieces(parts, format))
+    }
+
+    /// [`stitch_gzip`], with the layout remembered.
+    pub fn stitch_gzip(&self, parts: &[&Encoded], format: Format) -> Vec<u8> {
+        join_gzip(parts, format, &self.pieces(parts, format))
+    }
+}
+
+/// The exposition of `parts` in `format` (see [`layout_of`]). Only copies bytes.
+pub fn stitch(parts: &[&Encoded], format: Format) -> Vec<u8> {
+    concat(parts, format, &layout(parts, format))
+}
+
+fn concat(parts: &[&Encoded], format: Format, pieces: &[Piece]) -> Vec<u8> {
+    let total: usize = pieces.iter().map(|p| p.range.len()).sum();
+    let mut out = Vec::with_capacity(total + EOF.len());
+    for p in pieces {
+        out.extend_from_slice(&parts[p.part].form(format).buf[p.range.clone()]);
     }
     if format == Format::OpenMetrics {
         out.extend_from_slice(EOF.as_bytes());
     }
     out
+}
+
+/// [`stitch`], gzip-compressed: one gzip member made of each piece's compressed bytes,
+/// which every part keeps once made (see [`deflate`]). Compresses only the pieces no
+/// earlier scrape or store asked for.
+pub fn stitch_gzip(parts: &[&Encoded], format: Format) -> Vec<u8> {
+    join_gzip(parts, format, &layout(parts, format))
+}
+
+fn join_gzip(parts: &[&Encoded], format: Format, pieces: &[Piece]) -> Vec<u8> {
+    let compressed: Vec<Bytes> = pieces
+        .iter()
+        .map(|p| parts[p.part].deflated(format, p.range.clone()))
+        .collect();
+    let mut body = deflate::Body::with_capacity(compressed.iter().map(Bytes::len).sum());
+    for (p, c) in pieces.iter().zip(&compressed) {
+        body.push(&parts[p.part].form(format).buf[p.range.clone()], c);
+    }
+    let tail = if format == Format::OpenMetrics {
+        EOF.as_bytes()
+    } else {
+        b""
+    };
+    body.finish(tail)
 }
 
 const EOF: &str = "# EOF\n";
@@ -554,6 +861,99 @@ pg_v_info{target=\"t1\",x=\"15\"} 1
                 );
             }
         }
+
+        /// A gzip body joined from pieces decompresses to exactly the stitched body, also
+        /// after a part was replaced by its next version (whose pieces were compressed
+        /// when it was made, from the runs the old one served).
+        #[test]
+        fn gzip_pieces_decompress_to_the_stitched_body(
+            parts in proptest::collection::vec(proptest::collection::vec(arb_family(), 0..4), 1..4),
+            next in proptest::collection::vec(arb_family(), 0..4),
+        ) {
+            let mut encoded: Vec<Encoded> = parts
+                .into_iter()
+                .map(|families| Encoded::new(&Arc::new(Snapshot { families })))
+                .collect();
+            let layouts = Layouts::default();
+            for format in [Format::Text, Format::OpenMetrics] {
+                let refs: Vec<&Encoded> = encoded.iter().collect();
+                proptest::prop_assert_eq!(gunzip(&stitch_gzip(&refs, format)), stitch(&refs, format));
+                proptest::prop_assert_eq!(gunzip(&layouts.stitch_gzip(&refs, format)), stitch(&refs, format));
+            }
+            let next = Encoded::new_like(&Arc::new(Snapshot { families: next }), Some(&encoded[0]));
+            encoded[0] = next;
+            for format in [Format::Text, Format::OpenMetrics] {
+                let refs: Vec<&Encoded> = encoded.iter().collect();
+                proptest::prop_assert_eq!(gunzip(&stitch_gzip(&refs, format)), stitch(&refs, format));
+                // The remembered layout is used only while it still fits the parts.
+                proptest::prop_assert_eq!(gunzip(&layouts.stitch_gzip(&refs, format)), stitch(&refs, format));
+                proptest::prop_assert_eq!(layouts.stitch(&refs, format), stitch(&refs, format));
+            }
+        }
+    }
+
+    fn gunzip(body: &[u8]) -> Vec<u8> {
+        use std::io::Read as _;
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(body)
+            .read_to_end(&mut out)
+            .expect("a valid gzip member");
+        out
+    }
+
+    fn deflated_runs(e: &Encoded) -> Vec<(Format, Range<usize>)> {
+        let d = e.deflated.lock().unwrap();
+        d.iter().map(|d| (d.format, d.range.clone())).collect()
+    }
+
+    /// A new version of a snapshot with the same families comes with the pieces a gzip
+    /// scrape needs already compressed, so the scrape after a poll compresses nothing.
+    #[test]
+    fn the_next_version_of_a_part_is_compressed_when_stored() {
+        let version = |v: f64| {
+            Arc::new(Snapshot {
+                families: vec![
+                    fam("a_total", MetricType::Counter, &[("x", v), ("y", v + 1.0)]),
+                    fam("m_shared", MetricType::Gauge, &[("x", v)]),
+                    fam("z", MetricType::Gauge, &[("x", v * 2.0)]),
+                ],
+            })
+        };
+        let other = Encoded::new(&Arc::new(Snapshot {
+            families: vec![fam("m_shared", MetricType::Gauge, &[("y", 9.0)])],
+        }));
+        let first = Encoded::new(&version(1.0));
+        for format in [Format::Text, Format::OpenMetrics] {
+            stitch_gzip(&[&first, &other], format);
+        }
+        // Per format two runs: a_total and m_shared, then (after other's samples of
+        // m_shared) z.
+        assert_eq!(
+            deflated_runs(&first).len(),
+            4,
+            "{:?}",
+            deflated_runs(&first)
+        );
+        let next = Encoded::new_like(&version(2.0), Some(&first));
+        let wanted: Vec<(Format, Range<usize>)> = [Format::Text, Format::OpenMetrics]
+            .into_iter()
+            .flat_map(|f| {
+                layout(&[&next, &other], f)
+                    .into_iter()
+                    .filter(|p| p.part == 0)
+                    .map(move |p| (f, p.range))
+            })
+            .collect();
+        assert_eq!(deflated_runs(&next), wanted);
+        for format in [Format::Text, Format::OpenMetrics] {
+            let body = stitch_gzip(&[&next, &other], format);
+            assert_eq!(gunzip(&body), stitch(&[&next, &other], format));
+        }
+        assert_eq!(
+            deflated_runs(&next).len(),
+            4,
+            "nothing compressed at scrape time"
+        );
     }
 
     #[test]

@@ -55,6 +55,7 @@
 
 pub mod collector;
 pub mod config;
+pub mod deflate;
 pub mod demo;
 pub mod exposition;
 pub mod health;

@@ -210,10 +210,12 @@ impl Store {
     }
 
     /// Stores a collector's new snapshot, encoding it here, in the poller, so that no scrape
-    /// pays for it (and before the lock is taken).
+    /// pays for it (and before the lock is taken): both formats, and compressed the runs of
+    /// it that gzip scrapes of the previous snapshot used ([`Encoded::new_like`]).
     pub fn put(&self, key: Key, snapshot: Snapshot) {
         let snapshot = Arc::new(snapshot);
-        let encoded = Arc::new(Encoded::new(&snapshot));
+        let previous = self.encoded_at(&key);
+        let encoded = Arc::new(Encoded::new_like(&snapshot, previous.as_deref()));
         let mut s = self.snapshots.write().unwrap_or_else(|e| e.into_inner());
         s.insert(key, Stored { snapshot, encoded });
         drop(s);
@@ -246,6 +248,11 @@ impl Store {
     pub fn encoded(&self) -> Vec<Arc<Encoded>> {
         let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
         s.values().map(|v| Arc::clone(&v.encoded)).collect()
+    }
+
+    fn encoded_at(&self, key: &Key) -> Option<Arc<Encoded>> {
+        let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
+        s.get(key).map(|v| Arc::clone(&v.encoded))
     }
 
     /// The encoded snapshots of one target (for `/probe?target=`).
