@@ -436,8 +436,11 @@ fn resolve(parts: &[&Encoded], format: Format, spans: &[Span]) -> Vec<Piece> {
 /// comparison; the self-metrics, made per scrape, are compared by value.
 #[derive(Debug, Default)]
 pub struct Layouts {
-    last: Mutex<Option<(Vec<Arc<Shape>>, Arc<Vec<Span>>)>>,
+    last: Mutex<Option<Remembered>>,
 }
+
+/// The parts' shapes a layout was worked out for, and the layout.
+type Remembered = (Vec<Arc<Shape>>, Arc<Vec<Span>>);
 
 impl Layouts {
     fn pieces(&self, parts: &[&Encoded], format: Format) -> Vec<Piece> {
