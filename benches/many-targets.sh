@@ -55,6 +55,8 @@ done
     port=${PGPORTS[$(( 10#$i % SERVERS ))]}
     echo "  - {name: t$i, dsn: \"postgresql://postgres@127.0.0.1:$port/postgres?sslmode=disable\", databases: {include: [\"^postgres\$\"]}}"
   done
+  # More top-level config, e.g. EXTRA_YAML=$'activity:\n  sample_interval: 15s'.
+  [ -z "${EXTRA_YAML:-}" ] || echo "$EXTRA_YAML"
 } > "$WORK/pgvigil.yaml"
 "$BIN" --config "$WORK/pgvigil.yaml" > "$WORK/pgvigil.log" 2>&1 &
 PGV_PID=$!
