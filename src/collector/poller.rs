@@ -36,6 +36,7 @@ use crate::collector::names::{NameCache, Relations};
 use crate::collector::pack::{CacheKind, CollectorDef, Scope};
 use crate::collector::steps::{CollectorState, Context};
 use crate::config::{CollectorDefaults, StatementsConfig, TablesConfig, Target};
+use crate::health::{LagScope, POLL_LAG};
 use crate::postgres::slot::{Event, Slot, SlotGuard};
 use crate::postgres::value::QueryRow;
 use crate::postgres::{dsn, ErrorKind, PgError};
@@ -225,7 +226,10 @@ impl TargetPoller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.poll_collector(def).await,
+                due = tick.tick() => {
+                    observe_lag(LagScope::Cluster, due);
+                    self.poll_collector(def).await
+                }
                 _ = shutdown.changed() => return,
             }
         }
@@ -247,7 +251,7 @@ impl TargetPoller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                due = tick.tick() => observe_lag(LagScope::Database, due),
                 _ = shutdown.changed() => return,
             }
             // Due now, or within half a round: a collector whose interval is a multiple of
@@ -811,10 +815,26 @@ impl TargetPoller {
     }
 }
 
+/// Counts how late a poll starts after `due`, the instant its tick was scheduled for.
+/// The loops' intervals use [`MissedTickBehavior::Delay`]: when a poll overruns (or the
+/// runtime is too busy to wake the loop on time), the next `tick()` returns at once with
+/// the instant it was due, so the delay is counted here, never silently skipped; the
+/// ticks after it are then due an interval after that late start.
+///
+/// [`MissedTickBehavior::Delay`]: tokio::time::MissedTickBehavior::Delay
+pub(crate) fn observe_lag(scope: LagScope, due: tokio::time::Instant) {
+    POLL_LAG.observe(scope, lag_since(due, tokio::time::Instant::now()));
+}
+
+/// How late `now` is after `due` (zero if it is not).
+fn lag_since(due: tokio::time::Instant, now: tokio::time::Instant) -> Duration {
+    now.saturating_duration_since(due)
+}
+
 /// A random moment within the first `every`: many targets and collectors then spread
 /// their connections and queries over the whole interval instead of firing in lockstep
 /// (measured with 100 targets: without it, every poll fell into the same 3 s burst).
-fn jittered_start(every: Duration) -> tokio::time::Instant {
+pub(crate) fn jittered_start(every: Duration) -> tokio::time::Instant {
     let ms = (every.as_millis() as u64).max(1);
     tokio::time::Instant::now() + Duration::from_millis(fastrand::u64(0..ms))
 }
@@ -890,6 +910,28 @@ mod tests {
         assert_eq!(with_grant(denied.clone(), None).message, denied.message);
         let failed = PgError::new(ErrorKind::Query, "ERROR: boom");
         assert_eq!(with_grant(failed, Some("GRANT x")).message, "ERROR: boom");
+    }
+
+    #[tokio::test]
+    async fn a_tick_missed_while_a_poll_overran_counts_as_lag() {
+        // The loops' interval setup, scaled down: a 200 ms interval whose poll takes 300 ms.
+        let every = Duration::from_millis(200);
+        let start = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval_at(start, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Due at 200 ms, started at 300 ms or later: the tick is not skipped, and it says
+        // when it was due, so the 100 ms show as lag.
+        let called = tokio::time::Instant::now();
+        let due = tick.tick().await;
+        assert_eq!(due, start + every);
+        assert!(lag_since(due, tokio::time::Instant::now()) >= Duration::from_millis(100));
+        // The next one is due an interval after that late start.
+        let due = tick.tick().await;
+        assert!(due >= called + every, "{:?}", due - called);
+        assert_eq!(lag_since(due, due), Duration::ZERO);
+        assert_eq!(lag_since(due + every, due), Duration::ZERO);
     }
 
     #[test]

@@ -30,7 +30,9 @@ use opentelemetry_sdk::Resource;
 use tokio::sync::watch;
 
 use crate::collector::pack::{Catalog, CollectorDef, RunBy};
+use crate::collector::poller::{jittered_start, observe_lag};
 use crate::config::{CollectorDefaults, Config, ExplainMode, OtlpProtocol, Target, TracingConfig};
+use crate::health::LagScope;
 use crate::postgres::slot::Slot;
 use crate::postgres::{dsn, ErrorKind, PgError};
 use crate::store::{Snapshot, Store};
@@ -355,7 +357,9 @@ impl Sampler {
         // The last failure logged, and when: the same one is logged again after 5 minutes.
         let mut logged: Option<(String, Instant)> = None;
         let mut version = 0;
-        let mut tick = tokio::time::interval(self.every);
+        // A jittered first sample, as the poll loops have: 1,000 targets' samplers started
+        // together would otherwise hit their servers in one burst every interval.
+        let mut tick = tokio::time::interval_at(jittered_start(self.every), self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let statements = (
             self.target.name.clone(),
@@ -364,7 +368,7 @@ impl Sampler {
         );
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                due = tick.tick() => observe_lag(LagScope::Activity, due),
                 _ = shutdown.changed() => break,
             }
             let started = Instant::now();
