@@ -18,7 +18,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus_client::collector::Collector;
@@ -109,10 +111,27 @@ pub struct Encoded {
     level: u32,
     text: OnceLock<Form>,
     openmetrics: OnceLock<Form>,
+    /// When a scrape last used each format, plain and gzip ([`Encoded::mark_served`]),
+    /// carried over from the part's earlier versions.
+    served: [AtomicU64; 4],
     /// Runs of this part's bytes compressed for gzip bodies ([`deflate::piece`]), made
     /// when a scrape first needs them or, for the runs the part's previous version
     /// needed, when the part is stored. Locked only to look up or add a run.
     deflated: Mutex<Vec<Deflated>>,
+}
+
+/// A stored part is encoded (and compressed) ahead of scrapes in the formats scrapes used
+/// this recently; another format is encoded when a scrape first asks for it.
+pub const SERVED_RECENTLY: Duration = Duration::from_secs(600);
+
+fn served_slot(format: Format, gzip: bool) -> usize {
+    2 * usize::from(format == Format::OpenMetrics) + usize::from(gzip)
+}
+
+/// Seconds since the process first asked, from 1 (0 means never).
+fn seconds_since_start() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs() + 1
 }
 
 /// A part's families, in name order, each with whether it has samples.
@@ -174,12 +193,13 @@ impl Encoded {
         }
     }
 
-    /// The next version of a part, encoded now in the formats the previous version was
-    /// encoded in (both for a part's first version), and with the runs of it that gzip
-    /// scrapes of `previous` asked for compressed now (the same families, from the same
-    /// first family to the same last one). So, as long as the exposition's shape holds
-    /// (the same parts, holding the same family names), the scrape after a poll only
-    /// joins ready bytes, and a format nobody asks for is not encoded at every poll.
+    /// The next version of a part, encoded now (in the poller) in the formats scrapes
+    /// used within [`SERVED_RECENTLY`] (both for a part's first version), and with the
+    /// runs of it that gzip scrapes of `previous` asked for compressed now (the same
+    /// families, from the same first family to the same last one). So, as long as the
+    /// exposition's shape holds (the same parts, holding the same family names), the
+    /// scrape after a poll only joins ready bytes, and a format nobody asks for is not
+    /// encoded at every poll.
     pub fn new_like(snapshot: &Arc<Snapshot>, previous: Option<&Encoded>) -> Encoded {
         let mut encoded = Encoded::new(snapshot);
         let Some(previous) = previous else {
@@ -190,8 +210,11 @@ impl Encoded {
         if encoded.shape == previous.shape {
             encoded.shape = Arc::clone(&previous.shape);
         }
+        for (mine, theirs) in encoded.served.iter().zip(&previous.served) {
+            mine.store(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         for format in [Format::Text, Format::OpenMetrics] {
-            if previous.encoded_in(format).is_some() {
+            if encoded.served_recently(format, false) || encoded.served_recently(format, true) {
                 encoded.form(format);
             }
         }
@@ -200,6 +223,7 @@ impl Encoded {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
+            .filter(|d| encoded.served_recently(d.format, true))
             .filter_map(|d| {
                 let (first, header, last) = previous.run_families(d.format, &d.range)?;
                 Some((
@@ -212,6 +236,16 @@ impl Encoded {
             encoded.deflated(format, range);
         }
         encoded
+    }
+
+    /// Records that a scrape used this part in `format`, gzip-compressed or not.
+    fn mark_served(&self, format: Format, gzip: bool) {
+        self.served[served_slot(format, gzip)].store(seconds_since_start(), Ordering::Relaxed);
+    }
+
+    fn served_recently(&self, format: Format, gzip: bool) -> bool {
+        let at = self.served[served_slot(format, gzip)].load(Ordering::Relaxed);
+        at != 0 && seconds_since_start().saturating_sub(at) <= SERVED_RECENTLY.as_secs()
     }
 
     fn cell(&self, format: Format) -> &OnceLock<Form> {
@@ -484,6 +518,9 @@ pub fn stitch(parts: &[&Encoded], format: Format) -> Vec<u8> {
 }
 
 fn concat(parts: &[&Encoded], format: Format, pieces: &[Piece]) -> Vec<u8> {
+    for part in parts {
+        part.mark_served(format, false);
+    }
     let total: usize = pieces.iter().map(|p| p.range.len()).sum();
     let mut out = Vec::with_capacity(total + EOF.len());
     for p in pieces {
@@ -503,6 +540,9 @@ pub fn stitch_gzip(parts: &[&Encoded], format: Format) -> Vec<u8> {
 }
 
 fn join_gzip(parts: &[&Encoded], format: Format, pieces: &[Piece]) -> Vec<u8> {
+    for part in parts {
+        part.mark_served(format, true);
+    }
     let compressed: Vec<Bytes> = pieces
         .iter()
         .map(|p| parts[p.part].deflated(format, p.range.clone()))
@@ -956,6 +996,31 @@ pg_v_info{target=\"t1\",x=\"15\"} 1
             deflated_runs(&next).len(),
             4,
             "nothing compressed at scrape time"
+        );
+
+        // Scraped only as gzip OpenMetrics (as Prometheus does): the next version is
+        // encoded and compressed in that format only.
+        let only_om = Encoded::new_like(&version(3.0), None);
+        stitch_gzip(&[&only_om, &other], Format::OpenMetrics);
+        let after = Encoded::new_like(&version(4.0), Some(&only_om));
+        assert!(
+            after.encoded_in(Format::Text).is_none(),
+            "text is not encoded"
+        );
+        assert!(after.encoded_in(Format::OpenMetrics).is_some());
+        assert!(deflated_runs(&after)
+            .iter()
+            .all(|(f, _)| *f == Format::OpenMetrics));
+        assert_eq!(deflated_runs(&after).len(), 2);
+        // A text scrape still works: it encodes then.
+        assert_eq!(
+            stitch(&[&after, &other], Format::Text),
+            encode(
+                vec![version(4.0), other.snapshot.clone()],
+                Vec::new(),
+                Format::Text
+            )
+            .into_bytes()
         );
     }
 
