@@ -212,7 +212,12 @@ impl Store {
     /// Stores a collector's new snapshot, encoding it here, in the poller, so that no scrape
     /// pays for it (and before the lock is taken): both formats, and compressed the runs of
     /// it that gzip scrapes of the previous snapshot used ([`Encoded::new_like`]).
+    /// A snapshot equal to the stored one changes nothing: it is not encoded again, and
+    /// the store's generation stays, so scrapes keep serving the body they have.
     pub fn put(&self, key: Key, snapshot: Snapshot) {
+        if self.get(&key).is_some_and(|old| *old == snapshot) {
+            return;
+        }
         let snapshot = Arc::new(snapshot);
         let previous = self.encoded_at(&key);
         let encoded = Arc::new(Encoded::new_like(&snapshot, previous.as_deref()));
