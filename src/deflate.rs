@@ -116,18 +116,20 @@ impl Body {
     }
 }
 
+/// A gzip body decompressed (tests of the modules that make them).
+#[cfg(test)]
+pub(crate) fn gunzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(body)
+        .read_to_end(&mut out)
+        .expect("a valid gzip member");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read as _;
-
-    fn gunzip(body: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(body)
-            .read_to_end(&mut out)
-            .expect("a valid gzip member");
-        out
-    }
 
     #[test]
     fn pieces_join_in_any_order_into_one_valid_member() {

@@ -739,6 +739,7 @@ fn encode_openmetrics_part(snapshot: &Arc<Snapshot>) -> (String, Vec<Lines>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deflate::gunzip;
 
     fn fam(name: &str, kind: MetricType, samples: &[(&str, f64)]) -> Family {
         Family {
@@ -933,15 +934,6 @@ pg_v_info{target=\"t1\",x=\"15\"} 1
                 proptest::prop_assert_eq!(layouts.stitch(&refs, format), stitch(&refs, format));
             }
         }
-    }
-
-    fn gunzip(body: &[u8]) -> Vec<u8> {
-        use std::io::Read as _;
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(body)
-            .read_to_end(&mut out)
-            .expect("a valid gzip member");
-        out
     }
 
     fn deflated_runs(e: &Encoded) -> Vec<(Format, Range<usize>)> {

@@ -215,11 +215,15 @@ impl Store {
     /// A snapshot equal to the stored one changes nothing: it is not encoded again, and
     /// the store's generation stays, so scrapes keep serving the body they have.
     pub fn put(&self, key: Key, snapshot: Snapshot) {
-        if self.get(&key).is_some_and(|old| *old == snapshot) {
+        let previous = {
+            let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
+            s.get(&key).cloned()
+        };
+        if previous.as_ref().is_some_and(|p| *p.snapshot == snapshot) {
             return;
         }
         let snapshot = Arc::new(snapshot);
-        let previous = self.encoded_at(&key);
+        let previous = previous.map(|p| p.encoded);
         let encoded = Arc::new(Encoded::new_like(&snapshot, previous.as_deref()));
         let mut s = self.snapshots.write().unwrap_or_else(|e| e.into_inner());
         s.insert(key, Stored { snapshot, encoded });
@@ -253,11 +257,6 @@ impl Store {
     pub fn encoded(&self) -> Vec<Arc<Encoded>> {
         let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
         s.values().map(|v| Arc::clone(&v.encoded)).collect()
-    }
-
-    fn encoded_at(&self, key: &Key) -> Option<Arc<Encoded>> {
-        let s = self.snapshots.read().unwrap_or_else(|e| e.into_inner());
-        s.get(key).map(|v| Arc::clone(&v.encoded))
     }
 
     /// The encoded snapshots of one target (for `/probe?target=`).
