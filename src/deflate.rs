@@ -29,24 +29,24 @@ pub fn piece(data: &[u8]) -> Vec<u8> {
 /// [`piece`] at compression level `level` (0–9).
 pub fn piece_at(data: &[u8], level: u32) -> Vec<u8> {
     thread_local! {
-        // A compressor's state is a few hundred kilobytes: one per thread, reset per piece.
-        static COMPRESS: RefCell<Option<(u32, Compress)>> = const { RefCell::new(None) };
+        // A compressor's state is a few hundred kilobytes: one per thread and level, reset
+        // per piece. One per level, because a thread alternates between levels (pieces in
+        // the poller, self-metrics at level 1 in a scrape) and a new compressor per switch
+        // costs more than the compressing of a small piece.
+        static COMPRESS: RefCell<[Option<Compress>; 10]> = RefCell::new(Default::default());
     }
     if data.is_empty() {
         return Vec::new();
     }
+    let level = level.min(9);
     COMPRESS.with(|cell| {
         let mut cell = cell.borrow_mut();
-        let c = match &mut *cell {
-            Some((l, c)) if *l == level => {
+        let c = match &mut cell[level as usize] {
+            Some(c) => {
                 c.reset();
                 c
             }
-            slot => {
-                &mut slot
-                    .insert((level, Compress::new(Compression::new(level), false)))
-                    .1
-            }
+            slot => slot.insert(Compress::new(Compression::new(level), false)),
         };
         let mut out = Vec::with_capacity(data.len() / 4 + 64);
         loop {
