@@ -233,3 +233,79 @@ fn openmetrics_by_accept_header() {
     assert!(text.contains("pg_stat_database_xact_commit_total{target=\"t1\""));
     assert!(text.contains("# TYPE pg_server info\n"));
 }
+
+const PREPARED_PACK: &str = r#"
+collectors:
+  - name: items
+    help: A user collector over a table the test alters between polls.
+    queries:
+      - sql: SELECT * FROM pv_items
+    metrics:
+      - {name: pv_items_n, type: gauge, help: n per kind., value: n, labels: [kind]}
+  - name: prepared_probe
+    help: When this collector's own statement was prepared on its session.
+    queries:
+      - sql: >-
+          SELECT extract(epoch FROM min(prepare_time))::float8 AS prepared_at
+          FROM pg_prepared_statements WHERE statement LIKE '%pv_prepared_marker%'
+    metrics:
+      - {name: pv_prepared_at, type: gauge, help: Prepare time., value: prepared_at}
+"#;
+
+/// A collector's SQL is prepared once per session and reused by later polls (the server
+/// parses it once), and a table altered between polls (the prepared plan's result type
+/// changes) neither fails the next poll nor sticks: the statement is prepared again.
+#[test]
+fn statements_are_prepared_once_per_session_and_survive_an_altered_table() {
+    let pg = cluster(&[]);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE pv_items (kind text, n int); INSERT INTO pv_items VALUES ('a', 1)",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "mine.yaml", PREPARED_PACK);
+    let extra = format!("  paths: [\"{}\"]\n", dir.path().display());
+    // One connection, so every poll of both collectors uses the same session.
+    let yaml = one_target(&pg.dsn(), "")
+        .replace("labels: {env: test}", "labels: {env: test}\n    max_connections: 1")
+        .replace("collectors:\n", &format!("collectors:\n{extra}"));
+    let poller = ManualPoller::new(&config(&yaml));
+    let errors = |s: &[Sample]| {
+        find(s, "pgvigil_collector_errors_total", &[("collector", "items")])
+            .iter()
+            .map(|x| x.value)
+            .sum::<f64>()
+    };
+
+    let first = poller.poll();
+    let prepared_at = value(&first, "pv_prepared_at", &[]).expect("pv_prepared_at");
+    assert_eq!(value(&first, "pv_items_n", &[("kind", "a")]), Some(1.0));
+    std::thread::sleep(Duration::from_millis(50));
+    let second = poller.poll();
+    assert_eq!(
+        value(&second, "pv_prepared_at", &[]),
+        Some(prepared_at),
+        "the second poll must reuse the statement prepared by the first"
+    );
+
+    // A new column, then a new type: each changes the prepared plan's result type.
+    pg.psql("postgres", "ALTER TABLE pv_items ADD COLUMN extra int")
+        .unwrap();
+    pg.psql("postgres", "UPDATE pv_items SET n = 2").unwrap();
+    let third = poller.poll();
+    assert_eq!(value(&third, "pv_items_n", &[("kind", "a")]), Some(2.0));
+    pg.psql(
+        "postgres",
+        "ALTER TABLE pv_items ALTER COLUMN n TYPE bigint; UPDATE pv_items SET n = 3",
+    )
+    .unwrap();
+    let fourth = poller.poll();
+    assert_eq!(value(&fourth, "pv_items_n", &[("kind", "a")]), Some(3.0));
+    assert_eq!(
+        errors(&fourth),
+        0.0,
+        "an altered table must not fail a poll: {:?}",
+        find(&fourth, "pgvigil_collector_errors_total", &[])
+    );
+}

@@ -12,12 +12,14 @@
 //! owner through [`Event`]s, so what a lost session *means* (e.g. `pg_up`) stays with the
 //! caller. It knows nothing of collectors, metrics or the store.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Row, SimpleQueryMessage};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Row, SimpleQueryMessage, Statement};
 
 use super::dsn::{self, describe};
 use super::value::{QueryRow, TextRow};
@@ -427,13 +429,22 @@ impl SlotGuard {
     }
 }
 
-/// One open connection, and the timeouts currently set on it.
+/// One open connection, the timeouts currently set on it, and its prepared statements.
 struct Session {
     client: Client,
     flavour: Flavour,
     /// (statement_timeout, lock_timeout) as last set; `None` when unknown.
     timeouts: Option<(Duration, Duration)>,
+    /// Statements prepared on this connection, by SQL text. A collector runs the same SQL
+    /// every poll: preparing it once saves a round trip, and the server's parse and
+    /// analysis, per poll. Bounded by [`PREPARED_MAX`]; an entry is dropped when running it
+    /// fails (e.g. a table a user's pack reads was altered), so the next run prepares again.
+    prepared: HashMap<String, Statement>,
 }
+
+/// At most this many prepared statements per session (the built-in packs need about 30);
+/// past it, the oldest entries are not tracked and the cache starts over.
+const PREPARED_MAX: usize = 128;
 
 impl Session {
     /// Opens a session for monitoring: TLS as the DSN's `sslmode` says ([`tls`]),
@@ -487,6 +498,7 @@ impl Session {
             client,
             flavour,
             timeouts: None,
+            prepared: HashMap::new(),
         };
         Ok((session, info))
     }
@@ -507,6 +519,21 @@ impl Session {
             self.timeouts = Some(want);
         }
         Ok(())
+    }
+
+    /// `sql` prepared on this session, kept in [`Session::prepared`].
+    async fn prepare(&mut self, sql: &str) -> Result<Statement, PgError> {
+        let statement = self
+            .client
+            .prepare(sql)
+            .await
+            .map_err(|e| PgError::from_query(&e))?;
+        if self.prepared.len() >= PREPARED_MAX {
+            // Dropping the statements closes them on the server.
+            self.prepared.clear();
+        }
+        self.prepared.insert(sql.to_string(), statement.clone());
+        Ok(statement)
     }
 
     /// [`Session::query`] over the simple query protocol; the first column of each row.
@@ -578,11 +605,35 @@ impl Session {
                 self.timeouts = Some(want);
             }
             match self.flavour.protocol() {
-                Protocol::Extended => self
-                    .client
-                    .query(sql, params)
-                    .await
-                    .map_err(|e| PgError::from_query(&e)),
+                Protocol::Extended => {
+                    let cached = self.prepared.get(sql).cloned();
+                    let was_cached = cached.is_some();
+                    let statement = match cached {
+                        Some(s) => s,
+                        None => self.prepare(sql).await?,
+                    };
+                    match self.client.query(&statement, params).await {
+                        Ok(rows) => Ok(rows),
+                        // A statement prepared before a table it reads was altered fails
+                        // with "cached plan must not change result type": prepare it again
+                        // and run it once more, as an unprepared query would have run.
+                        Err(e)
+                            if was_cached
+                                && e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) =>
+                        {
+                            self.prepared.remove(sql);
+                            let statement = self.prepare(sql).await?;
+                            self.client.query(&statement, params).await.map_err(|e| {
+                                self.prepared.remove(sql);
+                                PgError::from_query(&e)
+                            })
+                        }
+                        Err(e) => {
+                            self.prepared.remove(sql);
+                            Err(PgError::from_query(&e))
+                        }
+                    }
+                }
                 Protocol::Simple => Err(PgError::new(
                     ErrorKind::Query,
                     "typed queries need the extended protocol, which this server does not speak",
