@@ -494,6 +494,42 @@ async fn serve_connection<S>(
     let _ = tokio::time::timeout(limits.close_grace, conn).await;
 }
 
+/// [`serve_secured`] on a thread of its own with a single-threaded runtime, so a scrape
+/// never waits behind a poll's processing (decoding thousands of rows, encoding and
+/// compressing a snapshot) on the pollers' workers: the kernel schedules the HTTP thread
+/// as soon as a request arrives. Answering from ready bytes, one thread serves tens of
+/// thousands of requests per second. The returned receiver resolves when serving ends
+/// (after `shutdown`), or at once if the thread cannot start its runtime.
+pub fn serve_apart(
+    listener: TcpListener,
+    server: Arc<Server>,
+    limits: Limits,
+    web: Option<Arc<Web>>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    // The listener is registered with the calling runtime's reactor: hand it over as a
+    // plain socket (still non-blocking) and register it again with the new runtime.
+    let listener = listener.into_std()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("pgvigil-http".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve_secured(listener, server, limits, web, shutdown).await,
+                    Err(e) => tracing::error!("cannot serve HTTP: {e}"),
+                }
+            });
+            // Connections still open are dropped with the runtime.
+            drop(runtime);
+            let _ = done.send(());
+        })?;
+    Ok(finished)
+}
+
 /// Serves until `shutdown` turns true; with `web`, over HTTPS and/or with basic auth as its
 /// `web_config_file` says.
 pub async fn serve_secured(

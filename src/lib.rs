@@ -214,13 +214,14 @@ pub async fn run(
     let mut current = (config.clone(), catalog);
     let mut expiry = tokio::time::interval(std::time::Duration::from_secs(5));
     let (http_stop, http_stop_rx) = watch::channel(false);
-    let serving = tokio::spawn(http::serve_secured(
+    let serving = http::serve_apart(
         listener,
         Arc::clone(&server),
         http::Limits::default(),
         web,
         http_stop_rx,
-    ));
+    )
+    .map_err(|source| StartError::Listen { addr, source })?;
     let mut hup = hangups(reload.is_some());
     // The targets files of the running configuration, compared every few seconds with
     // what they were when read; a change reloads as a SIGHUP does.

@@ -268,14 +268,21 @@ fn statements_are_prepared_once_per_session_and_survive_an_altered_table() {
     let extra = format!("  paths: [\"{}\"]\n", dir.path().display());
     // One connection, so every poll of both collectors uses the same session.
     let yaml = one_target(&pg.dsn(), "")
-        .replace("labels: {env: test}", "labels: {env: test}\n    max_connections: 1")
+        .replace(
+            "labels: {env: test}",
+            "labels: {env: test}\n    max_connections: 1",
+        )
         .replace("collectors:\n", &format!("collectors:\n{extra}"));
     let poller = ManualPoller::new(&config(&yaml));
     let errors = |s: &[Sample]| {
-        find(s, "pgvigil_collector_errors_total", &[("collector", "items")])
-            .iter()
-            .map(|x| x.value)
-            .sum::<f64>()
+        find(
+            s,
+            "pgvigil_collector_errors_total",
+            &[("collector", "items")],
+        )
+        .iter()
+        .map(|x| x.value)
+        .sum::<f64>()
     };
 
     let first = poller.poll();

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::types::ToSql;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, SimpleQueryMessage, Statement};
 
 use super::dsn::{self, describe};
@@ -618,8 +618,7 @@ impl Session {
                         // with "cached plan must not change result type": prepare it again
                         // and run it once more, as an unprepared query would have run.
                         Err(e)
-                            if was_cached
-                                && e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) =>
+                            if was_cached && e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) =>
                         {
                             self.prepared.remove(sql);
                             let statement = self.prepare(sql).await?;
