@@ -11,7 +11,7 @@
 //! of microseconds for a few hundred kilobytes). The CPU-heavy part, compressing, happens
 //! once per piece, when the snapshot it comes from is stored.
 
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 use flate2::{Compress, Compression, FlushCompress};
 
@@ -28,46 +28,59 @@ pub fn piece(data: &[u8]) -> Vec<u8> {
 
 /// [`piece`] at compression level `level` (0–9).
 pub fn piece_at(data: &[u8], level: u32) -> Vec<u8> {
-    thread_local! {
-        // A compressor's state is a few hundred kilobytes: one per thread and level, reset
-        // per piece. One per level, because a thread alternates between levels (pieces in
-        // the poller, self-metrics at level 1 in a scrape) and a new compressor per switch
-        // costs more than the compressing of a small piece.
-        static COMPRESS: RefCell<[Option<Compress>; 10]> = RefCell::new(Default::default());
-    }
     if data.is_empty() {
         return Vec::new();
     }
     let level = level.min(9);
-    COMPRESS.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        let c = match &mut cell[level as usize] {
-            Some(c) => {
-                c.reset();
-                c
-            }
-            slot => slot.insert(Compress::new(Compression::new(level), false)),
-        };
-        let mut out = Vec::with_capacity(data.len() / 4 + 64);
-        loop {
-            let consumed = c.total_in() as usize;
-            if out.capacity() - out.len() < 64 {
-                out.reserve(out.capacity().max(1024));
-            }
-            // Compressing into a Vec with room left only fails on a broken stream state,
-            // which a fresh reset rules out; stop rather than loop if it ever happens.
-            if c.compress_vec(&data[consumed..], &mut out, FlushCompress::Sync)
-                .is_err()
-            {
-                break;
-            }
-            // The flush is complete once all input is in and the output was not full.
-            if c.total_in() as usize == data.len() && out.capacity() - out.len() >= 64 {
-                break;
-            }
+    // A compressor's state is a few hundred kilobytes, and building one costs more than
+    // compressing a small piece: they are kept in a pool shared by all threads, reset per
+    // piece. The pool holds as many as were ever in use at once (pieces are compressed
+    // by the pollers and by scrapes), usually one or two, however many threads there are.
+    static POOL: Mutex<Vec<(u32, Compress)>> = Mutex::new(Vec::new());
+    let taken = {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let at = pool.iter().position(|(l, _)| *l == level);
+        at.map(|i| pool.swap_remove(i).1)
+    };
+    let mut c = match taken {
+        Some(mut c) => {
+            c.reset();
+            c
         }
-        out
-    })
+        None => Compress::new(Compression::new(level), false),
+    };
+    let out = compress_sync(&mut c, data);
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < POOL_MAX {
+        pool.push((level, c));
+    }
+    out
+}
+
+/// At most this many idle compressors are kept.
+const POOL_MAX: usize = 4;
+
+/// `data` through `c` (fresh or reset), ended by a sync flush.
+fn compress_sync(c: &mut Compress, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() / 4 + 64);
+    loop {
+        let consumed = c.total_in() as usize;
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity().max(1024));
+        }
+        // Compressing into a Vec with room left only fails on a broken stream state,
+        // which a fresh reset rules out; stop rather than loop if it ever happens.
+        if c.compress_vec(&data[consumed..], &mut out, FlushCompress::Sync)
+            .is_err()
+        {
+            break;
+        }
+        // The flush is complete once all input is in and the output was not full.
+        if c.total_in() as usize == data.len() && out.capacity() - out.len() >= 64 {
+            break;
+        }
+    }
+    out
 }
 
 /// A gzip body under construction: one member, pieces appended in order.
