@@ -403,3 +403,58 @@ fn a_server_that_accepts_and_never_answers_does_not_hang_a_target() {
     );
     assert!(stderr.contains("target hole: unreachable"), "{stderr}");
 }
+
+/// A query the server does not answer within its deadline (its backend frozen) drops the
+/// session, and the slot does not dial again at once: the next acquire fails fast until
+/// the backoff (about 1 s after the first such timeout) has passed. Once the server
+/// answers again, the slot reconnects and the series of timeouts ends.
+#[test]
+fn a_query_timeout_delays_the_reconnect_by_the_backoff() {
+    use pgvigil::postgres::slot::Slot;
+    use pgvigil::postgres::ErrorKind;
+    let pg = common::cluster(&[]);
+    let frozen = Frozen::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dsn: pgvigil::config::Dsn = dsn(&pg, "pgvigil_timeout").parse().unwrap();
+    rt.block_on(async {
+        let slot = Slot::new(dsn, Duration::from_secs(5));
+        let one = Duration::from_millis(200);
+        let mut session = slot.acquire().await.expect("connect");
+        session
+            .query("SELECT 1", one, one)
+            .await
+            .expect("first query");
+        drop(session);
+        for pid in backends(&pg, "pgvigil_timeout") {
+            frozen.freeze(pid);
+        }
+        let mut session = slot.acquire().await.expect("the open session");
+        let e = session
+            .query("SELECT 1", one, one)
+            .await
+            .expect_err("a frozen backend cannot answer");
+        assert_eq!(e.kind, ErrorKind::Timeout, "{}", e.message);
+        drop(session);
+        let timed_out = Instant::now();
+        // Within the backoff: no new connection, a fast Connect error.
+        let e = match slot.acquire().await {
+            Ok(_) => panic!("reconnected at once after a timeout"),
+            Err(e) => e,
+        };
+        assert_eq!(e.kind, ErrorKind::Connect, "{}", e.message);
+        assert!(e.message.contains("next attempt in"), "{}", e.message);
+        assert!(timed_out.elapsed() < Duration::from_millis(100));
+        // After it (1 s ± 25 %), a new session on a new backend answers.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let mut session = slot.acquire().await.expect("reconnect after the backoff");
+        let rows = session
+            .query("SELECT 1", Duration::from_secs(5), one)
+            .await
+            .expect("the new session answers");
+        assert_eq!(rows.len(), 1);
+    });
+    frozen.thaw();
+}

@@ -139,6 +139,8 @@ struct State {
     failures: u32,
     /// No attempt before this moment (backoff).
     next_attempt: Option<Instant>,
+    /// Queries in a row the server did not answer within their deadline.
+    timeouts: u32,
 }
 
 impl Slot {
@@ -336,14 +338,8 @@ impl SlotGuard {
             });
         };
         let result = session.query(sql, params, timeout, lock_timeout).await;
-        match result {
-            Err(mut e) if e.fatal || session.client.is_closed() => {
-                e.fatal = true;
-                self.mark_broken();
-                Err(e)
-            }
-            other => other,
-        }
+        let closed = session.client.is_closed();
+        self.settle(result, closed)
     }
 
     /// Runs a collector's `sql` the way the session's [`Flavour`] speaks: on PostgreSQL as
@@ -372,14 +368,8 @@ impl SlotGuard {
                 .await
                 .map(|rows| rows.into_iter().map(QueryRow::Text).collect()),
         };
-        match result {
-            Err(mut e) if e.fatal || session.client.is_closed() => {
-                e.fatal = true;
-                self.mark_broken();
-                Err(e)
-            }
-            other => other,
-        }
+        let closed = session.client.is_closed();
+        self.settle(result, closed)
     }
 
     /// Runs one statement over the simple query protocol, with the same timeouts and
@@ -402,20 +392,40 @@ impl SlotGuard {
             });
         };
         let result = session.simple_query(sql, timeout, lock_timeout).await;
-        match result {
-            Err(mut e) if e.fatal || session.client.is_closed() => {
-                e.fatal = true;
-                self.mark_broken();
-                Err(e)
-            }
-            other => other,
-        }
+        let closed = session.client.is_closed();
+        self.settle(result, closed)
     }
 
     /// Closes the session after this use, returning its permit to the budget; the next
     /// [`Slot::acquire`] connects again. Not a loss: no [`Event`].
     pub fn close(mut self) {
         self.state.session = None;
+    }
+
+    /// A query's outcome on the session: a fatal error (or a connection found closed)
+    /// drops the session. A query the server did not answer within its deadline also
+    /// delays the reconnect by the backoff, doubled for each such timeout in a row: a
+    /// server too busy to answer is not handed a new connection (a new backend, and a
+    /// cancel request for the old one) at once, which would load it more. A query that
+    /// succeeds ends the series.
+    fn settle<T>(&mut self, result: Result<T, PgError>, closed: bool) -> Result<T, PgError> {
+        match result {
+            Ok(v) => {
+                self.state.timeouts = 0;
+                Ok(v)
+            }
+            Err(mut e) if e.fatal || closed => {
+                e.fatal = true;
+                self.mark_broken();
+                if e.kind == ErrorKind::Timeout {
+                    self.state.timeouts += 1;
+                    let wait = backoff(self.state.timeouts);
+                    self.state.next_attempt = Some(Instant::now() + wait);
+                }
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Drops the session: the next [`Slot::acquire`] reconnects (without backoff, since
