@@ -438,7 +438,7 @@ fn workload_thread(pg: &TempCluster, via: &str) -> (Stop, std::thread::JoinHandl
         let mut i = 0u64;
         while !flag.load(Ordering::Relaxed) {
             let sql = match i % 4 {
-                // Long enough that the activity sampler (every 500 ms) sees it running,
+                // Long enough that the activity sampler (every second) often sees it running,
                 // so a top-N query has DB load for the "queries by load" panels.
                 0 => "SELECT pg_sleep(0.2)",
                 1 => "BEGIN; INSERT INTO t VALUES (1); ROLLBACK",

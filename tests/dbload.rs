@@ -180,24 +180,25 @@ fn parallel_workers_count_under_the_leaders_query() {
     let pg = cluster(&[]);
     pg.psql(
         "postgres",
-        "CREATE TABLE t AS SELECT g FROM generate_series(1, 9000) g; ANALYZE t;
+        "CREATE TABLE t AS SELECT g FROM generate_series(1, 15000) g; ANALYZE t;
          ALTER TABLE t SET (parallel_workers = 2)",
     )
     .unwrap();
     let run = start_as_monitor(&pg, "");
     wait_for_sampler(&run);
     let s = Session::connect(&pg.dsn());
-    // 9000 rows × 2 ms of pg_sleep (parallel safe) over the leader and two workers: ~6 s.
+    // 15000 rows × 2 ms of pg_sleep (parallel safe) over the leader and two workers: ~10 s,
+    // so the 6 s window holds six samples at the default (tracing off) interval of 1 s.
     let p = s.start(
         "SET max_parallel_workers_per_gather = 2; SET parallel_setup_cost = 0;
          SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;
          SELECT count(*) FROM t WHERE pg_sleep(0.002) IS NOT NULL",
     );
     std::thread::sleep(Duration::from_millis(1500));
-    let (rate, samples) = rate_over(&run, 3, &[("wait_event", "PgSleep")]);
+    let (rate, samples) = rate_over(&run, 6, &[("wait_event", "PgSleep")]);
     p.wait(Duration::from_secs(60)).unwrap();
     let sleeping = find(&samples, LOAD, &[("wait_event", "PgSleep")]);
-    println!("PgSleep load of one parallel query over 3 s: {rate:.3}; {sleeping:?}");
+    println!("PgSleep load of one parallel query over 6 s: {rate:.3}; {sleeping:?}");
     assert!(
         (2.0..=3.5).contains(&rate),
         "leader and two workers: PgSleep load {rate}, want about 3"

@@ -131,7 +131,12 @@ fn collectors_text(
         let every = match c.run_by {
             pack::RunBy::Poller => c.interval.unwrap_or(d.interval).to_string(),
             pack::RunBy::ActivitySampler => {
-                format!("{} (activity sampler)", config.activity.interval())
+                format!(
+                    "{} (activity sampler)",
+                    config
+                        .activity
+                        .interval(config.tracing.makes_spans(&|k| std::env::var(k).ok()))
+                )
             }
         };
         let _ = writeln!(

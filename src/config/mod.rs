@@ -97,16 +97,26 @@ pub struct ActivityConfig {
     pub sample_interval: Option<Interval>,
 }
 
-/// The default `activity.sample_interval`: no longer than the default
-/// `slow_query_threshold`, so every execution of at least 1.5 × that threshold is seen
-/// running at least once, even back to back on one connection (measured: README, "Slow
-/// queries as spans").
+/// The default `activity.sample_interval` when slow-query spans are produced (an OTLP
+/// endpoint or `tracing.console`): no longer than the default `slow_query_threshold`, so
+/// every execution of at least 1.5 × that threshold is seen running at least once, even
+/// back to back on one connection (measured: README, "Slow queries as spans").
 pub const DEFAULT_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// The default `activity.sample_interval` when the samples feed DB load only (tracing
+/// off): one sample a second, as Performance Insights samples, at half the cost of
+/// [`DEFAULT_SAMPLE_INTERVAL`] (on the server and in pgvigil).
+pub const DEFAULT_LOAD_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl ActivityConfig {
-    pub fn interval(&self) -> Interval {
-        self.sample_interval
-            .unwrap_or(Interval(DEFAULT_SAMPLE_INTERVAL))
+    /// The sampling interval: the configured one, else the default for whether the
+    /// samples also make spans (`spans`, see [`TracingConfig::makes_spans`]).
+    pub fn interval(&self, spans: bool) -> Interval {
+        self.sample_interval.unwrap_or(Interval(if spans {
+            DEFAULT_SAMPLE_INTERVAL
+        } else {
+            DEFAULT_LOAD_SAMPLE_INTERVAL
+        }))
     }
 }
 
@@ -239,6 +249,18 @@ impl Default for TracingConfig {
             explain_per_minute: default_explain_per_minute(),
             self_spans: false,
         }
+    }
+}
+
+impl TracingConfig {
+    /// Whether slow-query spans are made: an OTLP endpoint here or in
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT` (read through
+    /// `env`), or the console sink of `pgvigil demo`.
+    pub fn makes_spans(&self, env: &dyn Fn(&str) -> Option<String>) -> bool {
+        self.console
+            || self.otlp_endpoint.is_some()
+            || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+            || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
     }
 }
 
@@ -1089,15 +1111,41 @@ mod tests {
     #[test]
     fn sample_interval_moved_from_tracing_to_activity() {
         let c = parse("").unwrap();
-        assert_eq!(c.activity.interval(), Interval(DEFAULT_SAMPLE_INTERVAL));
+        assert_eq!(c.activity.interval(true), Interval(DEFAULT_SAMPLE_INTERVAL));
         let c = parse("tracing:\n  sample_interval: 200ms\n").unwrap();
-        assert_eq!(c.activity.interval(), "200ms".parse().unwrap());
+        assert_eq!(c.activity.interval(true), "200ms".parse().unwrap());
+        assert_eq!(c.activity.interval(false), "200ms".parse().unwrap());
         assert_eq!(c.tracing.sample_interval, None);
         let c = parse("activity:\n  sample_interval: 2s\ntracing:\n  sample_interval: 200ms\n")
             .unwrap();
-        assert_eq!(c.activity.interval(), Interval::from_secs(2));
+        assert_eq!(c.activity.interval(true), Interval::from_secs(2));
         let e = parse("activity:\n  interval: 2s\n").unwrap_err();
         assert!(e.contains("unknown field `interval`"), "{e}");
+    }
+
+    #[test]
+    fn the_default_sample_interval_follows_whether_spans_are_made() {
+        let none = |_: &str| None;
+        let c = parse("").unwrap();
+        assert!(!c.tracing.makes_spans(&none));
+        assert_eq!(
+            c.activity.interval(c.tracing.makes_spans(&none)),
+            Interval(DEFAULT_LOAD_SAMPLE_INTERVAL)
+        );
+        let c = parse("tracing:\n  otlp_endpoint: http://127.0.0.1:4317\n").unwrap();
+        assert!(c.tracing.makes_spans(&none));
+        let c = parse("").unwrap();
+        for var in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ] {
+            let env = |k: &str| (k == var).then(|| "http://127.0.0.1:4317".to_string());
+            assert!(c.tracing.makes_spans(&env), "{var}");
+        }
+        let mut c = parse("").unwrap();
+        c.tracing.console = true;
+        assert!(c.tracing.makes_spans(&none));
+        assert_eq!(c.activity.interval(true), Interval(DEFAULT_SAMPLE_INTERVAL));
     }
 
     #[test]

@@ -150,12 +150,14 @@ pub fn plan(
         .clone()
         .or_else(|| env("OTEL_SERVICE_NAME"))
         .unwrap_or_else(|| "pgvigil".to_string());
+    // Spans need the shorter default interval (capture); DB load alone, one a second.
+    let every = config.activity.interval(sink.is_some()).0;
     Ok(Some(Plan {
         sink,
         service,
         cfg: cfg.clone(),
         collectors: config.collectors.defaults,
-        every: config.activity.interval().0,
+        every,
         def: Arc::new(def),
         load_on,
         explain_budget: (cfg.explain == ExplainMode::Generic)
