@@ -176,6 +176,12 @@ pub trait Columns {
     fn columns(&self) -> Vec<String>;
     fn number(&self, idx: usize) -> Result<Option<f64>, String>;
     fn label(&self, idx: usize) -> Result<String, String>;
+    /// Calls `f` with the label of column `idx` ([`Columns::label`]'s text), borrowed
+    /// where the row holds it as text: no allocation per value for steps that read the
+    /// keys of thousands of rows.
+    fn with_label<T>(&self, idx: usize, f: impl FnOnce(&str) -> T) -> Result<T, String> {
+        self.label(idx).map(|l| f(&l))
+    }
 }
 
 impl Columns for tokio_postgres::Row {
@@ -197,6 +203,14 @@ impl Columns for tokio_postgres::Row {
         self.try_get::<_, SqlLabel>(idx)
             .map(|l| l.0)
             .map_err(|e| e.to_string())
+    }
+    fn with_label<T>(&self, idx: usize, f: impl FnOnce(&str) -> T) -> Result<T, String> {
+        // Text columns as they are (valid UTF-8: the same text `label` gives); any other
+        // type, or invalid UTF-8, through `label`.
+        match self.try_get::<_, Option<&str>>(idx) {
+            Ok(text) => Ok(f(text.unwrap_or_default())),
+            Err(_) => self.label(idx).map(|l| f(&l)),
+        }
     }
 }
 
@@ -273,6 +287,12 @@ impl Columns for QueryRow {
             QueryRow::Text(r) => r.label(idx),
         }
     }
+    fn with_label<T>(&self, idx: usize, f: impl FnOnce(&str) -> T) -> Result<T, String> {
+        match self {
+            QueryRow::Typed(r) => r.with_label(idx, f),
+            QueryRow::Text(r) => Ok(f(r.text(idx).unwrap_or_default())),
+        }
+    }
 }
 
 impl<T: Columns> Columns for &T {
@@ -287,6 +307,9 @@ impl<T: Columns> Columns for &T {
     }
     fn label(&self, idx: usize) -> Result<String, String> {
         (**self).label(idx)
+    }
+    fn with_label<U>(&self, idx: usize, f: impl FnOnce(&str) -> U) -> Result<U, String> {
+        (**self).with_label(idx, f)
     }
 }
 

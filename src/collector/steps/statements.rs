@@ -26,6 +26,7 @@
 //!   member. A row that carries its text (a pack without `texts`) is used as it is.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::collector::pack::CollectorDef;
 use crate::collector::steps::other::{add, Tracked};
@@ -62,13 +63,61 @@ const KEY_LABELS: [&str; 4] = ["datname", "user", "queryid", "toplevel"];
 /// read back from the rows, and only for the top N.
 type Key = u64;
 
-fn hash_key(parts: &[String; 4]) -> Key {
-    use std::hash::{Hash, Hasher};
-    // SipHash with fixed keys: deterministic, and collisions among even millions of
-    // entries are vanishingly unlikely.
-    let mut h = std::hash::DefaultHasher::new();
-    parts.hash(&mut h);
+/// Maps and sets by [`Key`]. A key is already a SipHash of the labels, so the tables use it
+/// as its own hash ([`KeyHasher`]) instead of hashing it a second time.
+type KeyMap<V> = HashMap<Key, V, BuildHasherDefault<KeyHasher>>;
+type KeySet = HashSet<Key, BuildHasherDefault<KeyHasher>>;
+
+/// The hasher of [`KeyMap`]: the `u64` key itself.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; anything else still gets a fair mix.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Starts the hash of a key: SipHash with fixed keys, deterministic, and collisions among
+/// even millions of entries are vanishingly unlikely.
+fn key_hasher() -> std::hash::DefaultHasher {
+    std::hash::DefaultHasher::new()
+}
+
+/// Adds one label to a key's hash (the text, then a separator, so ("ab", "c") and
+/// ("a", "bc") differ).
+fn key_part(h: &mut std::hash::DefaultHasher, part: &str) {
+    h.write(part.as_bytes());
+    h.write_u8(0xff);
+}
+
+/// The key of the given label values.
+#[cfg(test)]
+fn hash_key(parts: &[&str]) -> Key {
+    let mut h = key_hasher();
+    for p in parts {
+        key_part(&mut h, p);
+    }
     h.finish()
+}
+
+/// The key of the label columns `cols` of a row, hashed from the row's own text.
+fn key_of<R: Columns>(r: &R, cols: &[usize]) -> Result<Key, PgError> {
+    let mut h = key_hasher();
+    for &c in cols {
+        r.with_label(c, |l| key_part(&mut h, l))
+            .map_err(decode_error)?;
+    }
+    Ok(h.finish())
 }
 
 /// `pg_stat_statements_info` (dealloc, stats_reset); absent before 14.
@@ -109,24 +158,24 @@ struct Plan {
     key_cols: [usize; 4],
     info: Option<Info>,
     /// Window statistics by entry index.
-    windows: HashMap<usize, window::Window>,
-    scores: HashMap<Key, f64>,
-    members: HashSet<Key>,
+    windows: Vec<Option<window::Window>>,
+    scores: KeyMap<f64>,
+    members: KeySet,
 }
 
 /// State kept between polls of one target.
 #[derive(Default)]
 pub struct StatementsStep {
-    prev: HashMap<Key, Seen>,
+    prev: KeyMap<Seen>,
     /// `pg_stat_statements_info` (dealloc, stats_reset) at the previous poll.
     prev_info: Option<Info>,
-    scores: HashMap<Key, f64>,
-    members: HashSet<Key>,
+    scores: KeyMap<f64>,
+    members: KeySet,
     /// In first-seen order, so the exposition order is stable.
     others: Vec<Other>,
     polled: bool,
     /// Masked query text of members, fetched when they entered the top N.
-    texts: HashMap<Key, String>,
+    texts: KeyMap<String>,
     /// This poll's plan, made before its texts were fetched.
     planned: Option<Box<Plan>>,
 }
@@ -167,7 +216,7 @@ fn parse_rows<R: Columns>(rows: &[R]) -> Result<Parsed, PgError> {
     let info = Some((num(first, dealloc)?, num(first, reset)?));
     let mut out = Vec::with_capacity(rows.len());
     for (row, r) in rows.iter().enumerate() {
-        let key = hash_key(&row_key(r, &keys)?);
+        let key = key_of(r, &keys)?;
         let cum = Cumulative {
             calls: num(r, calls)?.unwrap_or(0.0).max(0.0) as u64,
             total: num(r, total)?.unwrap_or(0.0),
@@ -184,18 +233,8 @@ fn parse_rows<R: Columns>(rows: &[R]) -> Result<Parsed, PgError> {
     Ok((out, keys, info))
 }
 
-/// The key label values of a row.
-fn row_key<R: Columns>(r: &R, cols: &[usize; 4]) -> Result<[String; 4], PgError> {
-    Ok([
-        r.label(cols[0]).map_err(decode_error)?,
-        r.label(cols[1]).map_err(decode_error)?,
-        r.label(cols[2]).map_err(decode_error)?,
-        r.label(cols[3]).map_err(decode_error)?,
-    ])
-}
-
 /// Picks the members for this poll: see the module docs for the hysteresis rules.
-fn select(scores: &HashMap<Key, f64>, members: &HashSet<Key>, n: usize) -> HashSet<Key> {
+fn select(scores: &KeyMap<f64>, members: &KeySet, n: usize) -> KeySet {
     let mut ranked: Vec<(&Key, f64)> = scores.iter().map(|(k, s)| (k, *s)).collect();
     // Highest score first; ties by key so the choice is deterministic.
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
@@ -255,9 +294,9 @@ impl StatementsStep {
         let (entries, key_cols, info) = parse_rows(rows)?;
         // On 14-16 an eviction or reset shows only in pg_stat_statements_info.
         let info_changed = matches!((&self.prev_info, &info), (Some(a), Some(b)) if a != b);
-        let mut windows = HashMap::new();
-        let mut scores = HashMap::with_capacity(entries.len());
-        for (i, e) in entries.iter().enumerate() {
+        let mut windows = Vec::with_capacity(entries.len());
+        let mut scores = KeyMap::with_capacity_and_hasher(entries.len(), Default::default());
+        for e in &entries {
             let w = match self.prev.get(&e.key) {
                 Some(p) if p.stats_since != e.stats_since => None,
                 Some(_) if info_changed && e.stats_since.is_none() => None,
@@ -270,9 +309,7 @@ impl StatementsStep {
                 None => raw,
             };
             scores.insert(e.key, score);
-            if let Some(w) = w {
-                windows.insert(i, w);
-            }
+            windows.push(w);
         }
         let members = select(&scores, &self.members, ctx.statements.top_n);
         Ok(Plan {
@@ -335,7 +372,7 @@ impl StatementsStep {
         let query = column(first, "query")?;
         let members = self.planned.as_ref().map(|p| &p.members);
         for r in rows {
-            let key = hash_key(&row_key(r, &keys)?);
+            let key = key_of(r, &keys)?;
             if members.is_some_and(|m| m.contains(&key)) {
                 let text = r.label(query).map_err(decode_error)?;
                 let masked = crate::sql::mask_literals(&text, ctx.statements.query_max_len);
@@ -377,8 +414,10 @@ impl StatementsStep {
                 .collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
-        let mut seen = HashMap::with_capacity(entries.len());
-        let mut deltas: Vec<((String, String), Vec<f64>)> = Vec::new();
+        let mut seen = KeyMap::with_capacity_and_hasher(entries.len(), Default::default());
+        // Per (datname, user), found by the hash of the two labels: their text is read
+        // once per group, not once per row.
+        let mut deltas: Vec<(Key, (String, String), Vec<f64>)> = Vec::new();
         for e in &entries {
             let row = &rows[e.row];
             let counters = counter_cols
@@ -396,13 +435,16 @@ impl StatementsStep {
                 was_reset,
             );
             if let Some(delta) = delta {
-                let group = (
-                    row.label(key_cols[0]).map_err(decode_error)?,
-                    row.label(key_cols[1]).map_err(decode_error)?,
-                );
-                match deltas.iter_mut().find(|(g, _)| *g == group) {
-                    Some((_, sum)) => add(sum, &delta),
-                    None => deltas.push((group, delta)),
+                let group = key_of(row, &key_cols[..2])?;
+                match deltas.iter_mut().find(|(g, _, _)| *g == group) {
+                    Some((_, _, sum)) => add(sum, &delta),
+                    None => {
+                        let labels = (
+                            row.label(key_cols[0]).map_err(decode_error)?,
+                            row.label(key_cols[1]).map_err(decode_error)?,
+                        );
+                        deltas.push((group, labels, delta));
+                    }
                 }
             }
             seen.insert(
@@ -414,7 +456,7 @@ impl StatementsStep {
                 },
             );
         }
-        for ((datname, user), delta) in deltas {
+        for (_, (datname, user), delta) in deltas {
             let at = match self
                 .others
                 .iter()
@@ -448,7 +490,7 @@ impl StatementsStep {
                 if !members.contains(&e.key) {
                     continue;
                 }
-                let w = windows.get(&i);
+                let w = windows[i].as_ref();
                 let row_text = rows[e.row].label(query).map_err(decode_error)?;
                 let text = if row_text.is_empty() {
                     self.texts.get(&e.key).cloned()
@@ -515,17 +557,17 @@ mod tests {
     use std::sync::Arc;
 
     fn key(q: &str) -> Key {
-        hash_key(&["db".into(), "u".into(), q.into(), "true".into()])
+        hash_key(&["db", "u", q, "true"])
     }
 
-    fn scores(v: &[(&str, f64)]) -> HashMap<Key, f64> {
+    fn scores(v: &[(&str, f64)]) -> KeyMap<f64> {
         v.iter().map(|(q, s)| (key(q), *s)).collect()
     }
 
     #[test]
     fn selection_takes_the_top_n_then_keeps_members() {
         let s = scores(&[("a", 10.0), ("b", 9.0), ("c", 8.0), ("d", 1.0)]);
-        let m = select(&s, &HashSet::new(), 2);
+        let m = select(&s, &KeySet::default(), 2);
         assert_eq!(m, [key("a"), key("b")].into_iter().collect());
         // c overtakes b slightly: b stays (hysteresis).
         let s = scores(&[("a", 10.0), ("b", 8.0), ("c", 9.0), ("d", 1.0)]);
