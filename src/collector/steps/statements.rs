@@ -419,12 +419,31 @@ impl StatementsStep {
         // once per group, not once per row.
         let mut deltas: Vec<(Key, (String, String), Vec<f64>)> = Vec::new();
         for e in &entries {
+            let member = members.contains(&e.key);
+            // Not executed since the last poll (same calls, same identity) and no change
+            // of membership: its counters and what it handed to `other` are as they were
+            // (it hands nothing), so its state carries over without reading its row's
+            // counters. Most entries of a large pg_stat_statements are idle in any one
+            // interval. (Planning time can grow without an execution, e.g. a statement
+            // that failed; that reaches the series at its next execution, never lost.)
+            if self.polled {
+                if let Some(p) = self.prev.get(&e.key) {
+                    if p.cum.calls == e.cum.calls
+                        && p.stats_since == e.stats_since
+                        && p.tracked.member == member
+                    {
+                        if let Some(p) = self.prev.remove(&e.key) {
+                            seen.insert(e.key, p);
+                        }
+                        continue;
+                    }
+                }
+            }
             let row = &rows[e.row];
             let counters = counter_cols
                 .iter()
                 .map(|&i| Ok(row.number(i).map_err(decode_error)?.unwrap_or(f64::NAN)))
                 .collect::<Result<Box<[f64]>, PgError>>()?;
-            let member = members.contains(&e.key);
             let prev = self.prev.get(&e.key);
             let was_reset = prev.is_some_and(|p| reset(p, e));
             let (delta, tracked) = Tracked::advance(
@@ -698,6 +717,38 @@ mod tests {
         assert!(family(&out, "pg_stat_statements_plan_seconds_total")
             .samples
             .is_empty());
+    }
+
+    #[test]
+    fn idle_entries_carry_their_series_and_other_over_unchanged() {
+        let mut p = Poller::new();
+        let calls = |out: &[Family]| by_query(family(out, "pg_stat_statements_calls_total"));
+        let rows_of = |out: &[Family]| by_query(family(out, "pg_stat_statements_rows_total"));
+        let first = p.poll(&[row("a", 10.0, 9.0), row("b", 2.0, 1.0)]);
+        assert_eq!(calls(&first), [("a".into(), 10.0), ("other".into(), 2.0)]);
+        // Nobody ran anything: the same series and values, twice over.
+        for _ in 0..2 {
+            let out = p.poll(&[row("a", 10.0, 9.0), row("b", 2.0, 1.0)]);
+            assert_eq!(calls(&out), calls(&first));
+            assert_eq!(rows_of(&out), rows_of(&first));
+        }
+        // Both run again: the member's series and other move by exactly their calls.
+        let out = p.poll(&[row("a", 12.0, 9.5), row("b", 5.0, 1.5)]);
+        assert_eq!(calls(&out), [("a".into(), 12.0), ("other".into(), 5.0)]);
+        // An idle member that loses its place to a busy newcomer hands nothing: other
+        // grows by the newcomer's calls only, and the idle one, back later, continues.
+        let out = p.poll(&[
+            row("a", 12.0, 9.5),
+            row("b", 5.0, 1.5),
+            row("c", 90.0, 80.0),
+        ]);
+        assert_eq!(calls(&out), [("c".into(), 90.0), ("other".into(), 95.0)]);
+        let out = p.poll(&[
+            row("a", 12.0, 9.5),
+            row("b", 5.0, 1.5),
+            row("c", 90.0, 80.0),
+        ]);
+        assert_eq!(calls(&out), [("c".into(), 90.0), ("other".into(), 95.0)]);
     }
 
     #[test]
