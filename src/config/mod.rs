@@ -257,11 +257,14 @@ impl TracingConfig {
     /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT` (read through
     /// `env`), or the console sink of `pgvigil demo`.
     pub fn makes_spans(&self, env: &dyn Fn(&str) -> Option<String>) -> bool {
-        self.console
-            || self.otlp_endpoint.is_some()
-            || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
-            || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        self.console || self.otlp_endpoint.is_some() || env_endpoint(env).is_some()
     }
+}
+
+/// The OTLP endpoint of the standard environment: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
+/// else `OTEL_EXPORTER_OTLP_ENDPOINT`.
+pub fn env_endpoint(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
 }
 
 /// The `statements:` section.

@@ -66,9 +66,7 @@ pub fn endpoint(
     cfg: &TracingConfig,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<export::Endpoint>, TraceError> {
-    let from_env =
-        env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
-    if cfg.otlp_endpoint.is_none() && from_env.is_none() {
+    if cfg.otlp_endpoint.is_none() && crate::config::env_endpoint(env).is_none() {
         return Ok(None);
     }
     let protocol = match cfg.protocol {

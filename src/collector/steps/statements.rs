@@ -426,18 +426,15 @@ impl StatementsStep {
             // counters. Most entries of a large pg_stat_statements are idle in any one
             // interval. (Planning time can grow without an execution, e.g. a statement
             // that failed; that reaches the series at its next execution, never lost.)
-            if self.polled {
-                if let Some(p) = self.prev.get(&e.key) {
-                    if p.cum.calls == e.cum.calls
+            let idle = self.polled
+                && self.prev.get(&e.key).is_some_and(|p| {
+                    p.cum.calls == e.cum.calls
                         && p.stats_since == e.stats_since
                         && p.tracked.member == member
-                    {
-                        if let Some(p) = self.prev.remove(&e.key) {
-                            seen.insert(e.key, p);
-                        }
-                        continue;
-                    }
-                }
+                });
+            if let Some(p) = idle.then(|| self.prev.remove(&e.key)).flatten() {
+                seen.insert(e.key, p);
+                continue;
             }
             let row = &rows[e.row];
             let counters = counter_cols
