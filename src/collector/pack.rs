@@ -181,6 +181,13 @@ impl CollectorDef {
         {
             return Err("`texts` (of a query) is read by `processor: statements` only".into());
         }
+        if self.processor != Some(ProcessorKind::Statements)
+            && self.queries.0.iter().any(|q| q.skips_unchanged)
+        {
+            return Err(
+                "`skips_unchanged` (of a query) is read by `processor: statements` only".into(),
+            );
+        }
         if self.processor != Some(ProcessorKind::TableTopN)
             && self.metrics.0.iter().any(|m| m.other.is_some())
         {
@@ -428,6 +435,13 @@ pub struct Variant {
     /// `query`.
     #[serde(default)]
     pub texts: Option<String>,
+    /// `sql` takes `$1` (`int8[]`): the fingerprints (its `fp` column) of entries the step
+    /// carries over while they do not change (`processor: statements`: entries without
+    /// their own series), and may leave the rows with those fingerprints out. Most entries
+    /// of a large pg_stat_statements are idle in any one interval, so a poll then ships
+    /// and decodes only what changed. An empty list asks for every row.
+    #[serde(default)]
+    pub skips_unchanged: bool,
 }
 
 impl Variant {

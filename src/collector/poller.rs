@@ -530,20 +530,30 @@ impl TargetPoller {
         // A query that breaks the connection marks the slot broken (and, on the main
         // database, turns `pg_up` to 0 through `session_events`).
         let lock_timeout = self.defaults.lock_timeout.0;
+        // The state is the one `process` uses: "" for cluster scope.
+        let at = match def.scope {
+            Scope::Cluster => "",
+            Scope::Database => db,
+        };
+        let unchanged: Vec<i64> = if variant.skips_unchanged {
+            self.with_state(def, at, |s, _| s.unchanged(def))
+        } else {
+            Vec::new()
+        };
+        let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = if variant.skips_unchanged {
+            &[&unchanged]
+        } else {
+            &[]
+        };
         let rows = slot
-            .fetch(&variant.sql, timeout, lock_timeout)
+            .fetch(&variant.sql, params, timeout, lock_timeout)
             .await
             .map_err(|e| with_grant(e, def.requires.grant.as_deref()))
             .inspect_err(|e| selfspans::error(&tracing::Span::current(), &e.message))?;
         selfspans::rows(rows.len());
         if let Some(texts) = &variant.texts {
             // Texts only for what the step has not got (statements: queries entering
-            // the top N), on the same session, before the rows are processed. The state
-            // is the one `process` uses: "" for cluster scope.
-            let at = match def.scope {
-                Scope::Cluster => "",
-                Scope::Database => db,
-            };
+            // the top N), on the same session, before the rows are processed.
             let needed = self.with_state(def, at, |s, ctx| s.texts_needed(def, &rows, ctx))?;
             if !needed.is_empty() {
                 let found = slot

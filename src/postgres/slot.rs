@@ -348,6 +348,7 @@ impl SlotGuard {
     pub async fn fetch(
         &mut self,
         sql: &str,
+        params: &[&(dyn ToSql + Sync)],
         timeout: Duration,
         lock_timeout: Duration,
     ) -> Result<Vec<QueryRow>, PgError> {
@@ -360,9 +361,13 @@ impl SlotGuard {
         };
         let result = match session.flavour.protocol() {
             Protocol::Extended => session
-                .query(sql, &[], timeout, lock_timeout)
+                .query(sql, params, timeout, lock_timeout)
                 .await
                 .map(|rows| rows.into_iter().map(QueryRow::Typed).collect()),
+            Protocol::Simple if !params.is_empty() => Err(PgError::new(
+                ErrorKind::Query,
+                "a query with parameters needs the extended protocol, which this server does not speak",
+            )),
             Protocol::Simple => session
                 .simple(sql, timeout)
                 .await

@@ -182,6 +182,21 @@ pub trait Columns {
     fn with_label<T>(&self, idx: usize, f: impl FnOnce(&str) -> T) -> Result<T, String> {
         self.label(idx).map(|l| f(&l))
     }
+    /// Column `idx` as an exact 64-bit integer (`None` for NULL or an empty text): for
+    /// identifiers a `f64` would round, such as a fingerprint handed back to the server.
+    fn integer(&self, idx: usize) -> Result<Option<i64>, String> {
+        self.with_label(idx, integer_of)?
+    }
+}
+
+fn integer_of(text: &str) -> Result<Option<i64>, String> {
+    match text.trim() {
+        "" => Ok(None),
+        t => t
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| format!("{t:?} is not an integer")),
+    }
 }
 
 impl Columns for tokio_postgres::Row {
@@ -203,6 +218,12 @@ impl Columns for tokio_postgres::Row {
         self.try_get::<_, SqlLabel>(idx)
             .map(|l| l.0)
             .map_err(|e| e.to_string())
+    }
+    fn integer(&self, idx: usize) -> Result<Option<i64>, String> {
+        match self.try_get::<_, Option<i64>>(idx) {
+            Ok(n) => Ok(n),
+            Err(_) => self.with_label(idx, integer_of)?,
+        }
     }
     fn with_label<T>(&self, idx: usize, f: impl FnOnce(&str) -> T) -> Result<T, String> {
         // Text columns as they are (valid UTF-8: the same text `label` gives); any other
@@ -293,6 +314,12 @@ impl Columns for QueryRow {
             QueryRow::Text(r) => Ok(f(r.text(idx).unwrap_or_default())),
         }
     }
+    fn integer(&self, idx: usize) -> Result<Option<i64>, String> {
+        match self {
+            QueryRow::Typed(r) => r.integer(idx),
+            QueryRow::Text(r) => r.integer(idx),
+        }
+    }
 }
 
 impl<T: Columns> Columns for &T {
@@ -310,6 +337,9 @@ impl<T: Columns> Columns for &T {
     }
     fn with_label<U>(&self, idx: usize, f: impl FnOnce(&str) -> U) -> Result<U, String> {
         (**self).with_label(idx, f)
+    }
+    fn integer(&self, idx: usize) -> Result<Option<i64>, String> {
+        (**self).integer(idx)
     }
 }
 

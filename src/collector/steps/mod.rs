@@ -108,6 +108,15 @@ impl CollectorState {
         }
     }
 
+    /// The fingerprints the collector's `skips_unchanged` query may leave out (see
+    /// [`statements::StatementsStep::unchanged`]); empty asks for every row.
+    pub fn unchanged(&mut self, def: &CollectorDef) -> Vec<i64> {
+        match self.statements(def) {
+            Some(s) => s.unchanged(),
+            None => Vec::new(),
+        }
+    }
+
     /// Hands the `texts` query's rows to the collector's step.
     pub fn put_texts<R: Columns>(
         &mut self,

@@ -24,6 +24,18 @@
 //!   queries entering the top N only ([`StatementsStep::texts_needed`], then
 //!   [`StatementsStep::put_texts`]), and a member's masked text is kept while it stays a
 //!   member. A row that carries its text (a pack without `texts`) is used as it is.
+//! - **Unchanged entries left out**: with a `skips_unchanged` query, each poll hands the
+//!   server the fingerprints (`fp`: a hash of the entry's identity, calls and
+//!   `stats_since`) of the entries without their own series, and the server leaves those
+//!   whose fingerprint still matches out of the result ([`StatementsStep::unchanged`]).
+//!   Such an entry is idle since the last poll: it is carried over exactly as the rows
+//!   would have given it (counters unchanged, nothing handed to `other`, its score
+//!   decaying), except that an entry the query left out cannot enter the top N in that
+//!   poll (its labels and gauges are not in the rows; it enters when it runs again). An
+//!   entry can also be missing because it was evicted or reset: when
+//!   `pg_stat_statements_info` says so (its `dealloc` or `stats_reset` moved), the next
+//!   poll reads every row, which drops the entries that are gone; so does every
+//!   [`FULL_EVERY`]th poll, for what the view does not count (a reset of single entries).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -123,12 +135,19 @@ fn key_of<R: Columns>(r: &R, cols: &[usize]) -> Result<Key, PgError> {
 /// `pg_stat_statements_info` (dealloc, stats_reset); absent before 14.
 type Info = (Option<f64>, Option<f64>);
 
+/// Every this many polls, a `skips_unchanged` query is asked for every row, so an entry
+/// that vanished without `pg_stat_statements_info` counting it (a reset of single
+/// entries) is not carried over for longer than that.
+const FULL_EVERY: u32 = 20;
+
 /// One row of the statements query: its key, cumulative timing and row index.
 #[derive(Debug, Clone)]
 struct Entry {
     key: Key,
     cum: Cumulative,
     stats_since: Option<f64>,
+    /// Its fingerprint (`fp` column), when the query gives one.
+    fp: Option<i64>,
     /// Index of the row it came from.
     row: usize,
 }
@@ -137,6 +156,7 @@ struct Entry {
 struct Seen {
     cum: Cumulative,
     stats_since: Option<f64>,
+    fp: Option<i64>,
     /// The counter columns ([`counter_columns`] order), membership and what it handed to
     /// `other`: the shared delta rule.
     tracked: Tracked,
@@ -161,6 +181,8 @@ struct Plan {
     windows: Vec<Option<window::Window>>,
     scores: KeyMap<f64>,
     members: KeySet,
+    /// Entries the query was allowed to leave out, and did: carried over as they were.
+    carried: KeySet,
 }
 
 /// State kept between polls of one target.
@@ -178,6 +200,12 @@ pub struct StatementsStep {
     texts: KeyMap<String>,
     /// This poll's plan, made before its texts were fetched.
     planned: Option<Box<Plan>>,
+    /// Entries whose fingerprint this poll's query was given ([`StatementsStep::unchanged`]).
+    offered: KeySet,
+    /// Polls since one that read every row.
+    since_full: u32,
+    /// The next poll reads every row: entries may have been evicted or reset.
+    full_next: bool,
 }
 
 fn decode_error(e: impl std::fmt::Display) -> PgError {
@@ -211,6 +239,7 @@ fn parse_rows<R: Columns>(rows: &[R]) -> Result<Parsed, PgError> {
         idx("exec_seconds_stddev")?,
     );
     let since = idx("stats_since")?;
+    let fp = first.index_of("fp");
     let (dealloc, reset) = (idx("dealloc")?, idx("info_reset")?);
     let num = |r: &R, i: usize| r.number(i).map_err(decode_error);
     let info = Some((num(first, dealloc)?, num(first, reset)?));
@@ -227,6 +256,10 @@ fn parse_rows<R: Columns>(rows: &[R]) -> Result<Parsed, PgError> {
             key,
             cum,
             stats_since: num(r, since)?,
+            fp: match fp {
+                Some(i) => r.integer(i).map_err(decode_error)?,
+                None => None,
+            },
             row,
         });
     }
@@ -234,7 +267,8 @@ fn parse_rows<R: Columns>(rows: &[R]) -> Result<Parsed, PgError> {
 }
 
 /// Picks the members for this poll: see the module docs for the hysteresis rules.
-fn select(scores: &KeyMap<f64>, members: &KeySet, n: usize) -> KeySet {
+/// `carried` entries (left out of the rows) keep a member's place but take no new one.
+fn select(scores: &KeyMap<f64>, members: &KeySet, n: usize, carried: &KeySet) -> KeySet {
     let mut ranked: Vec<(&Key, f64)> = scores.iter().map(|(k, s)| (k, *s)).collect();
     // Highest score first; ties by key so the choice is deterministic.
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
@@ -248,7 +282,7 @@ fn select(scores: &KeyMap<f64>, members: &KeySet, n: usize) -> KeySet {
     let taken: HashSet<&Key> = chosen.iter().map(|(k, _)| *k).collect();
     let mut outsiders = ranked
         .iter()
-        .filter(|(k, _)| !taken.contains(k))
+        .filter(|(k, _)| !taken.contains(k) && !carried.contains(*k))
         .copied()
         .collect::<Vec<_>>()
         .into_iter();
@@ -311,7 +345,26 @@ impl StatementsStep {
             scores.insert(e.key, score);
             windows.push(w);
         }
-        let members = select(&scores, &self.members, ctx.statements.top_n);
+        // Left out as unchanged: idle since the last poll, so their window is empty (or,
+        // as for every entry without `stats_since` when the info moved, untrusted).
+        let mut carried = KeySet::default();
+        for k in &self.offered {
+            let Some(p) = self.prev.get(k).filter(|_| !scores.contains_key(k)) else {
+                continue;
+            };
+            let raw = if info_changed && p.stats_since.is_none() {
+                p.cum.total
+            } else {
+                0.0
+            };
+            let score = match self.scores.get(k) {
+                Some(s) => 0.5 * s + 0.5 * raw,
+                None => raw,
+            };
+            scores.insert(*k, score);
+            carried.insert(*k);
+        }
+        let members = select(&scores, &self.members, ctx.statements.top_n, &carried);
         Ok(Plan {
             rows: rows.len(),
             entries,
@@ -320,7 +373,26 @@ impl StatementsStep {
             windows,
             scores,
             members,
+            carried,
         })
+    }
+
+    /// The fingerprints of entries this poll's query may leave out: those without their
+    /// own series, whose `fp` it gave. Empty (every row) on the first poll, after an
+    /// eviction or reset, and every [`FULL_EVERY`]th poll.
+    pub fn unchanged(&mut self) -> Vec<i64> {
+        self.offered.clear();
+        if !self.polled || self.full_next || self.since_full + 1 >= FULL_EVERY {
+            return Vec::new();
+        }
+        let mut fps = Vec::with_capacity(self.prev.len());
+        for (k, p) in &self.prev {
+            if let (false, Some(fp)) = (p.tracked.member, p.fp) {
+                self.offered.insert(*k);
+                fps.push(fp);
+            }
+        }
+        fps
     }
 
     /// The queryids whose text this poll needs: members (as this poll will pick them)
@@ -401,8 +473,10 @@ impl StatementsStep {
             windows,
             scores,
             members,
+            carried,
             ..
         } = plan;
+        let offered = std::mem::take(&mut self.offered);
         let counter_names = counter_columns(ctx.def);
         // The counters are computed columns too: members' series hide what they handed
         // to `other`, and the `other` rows carry the running totals.
@@ -432,7 +506,8 @@ impl StatementsStep {
                         && p.stats_since == e.stats_since
                         && p.tracked.member == member
                 });
-            if let Some(p) = idle.then(|| self.prev.remove(&e.key)).flatten() {
+            if let Some(mut p) = idle.then(|| self.prev.remove(&e.key)).flatten() {
+                p.fp = e.fp;
                 seen.insert(e.key, p);
                 continue;
             }
@@ -468,9 +543,16 @@ impl StatementsStep {
                 Seen {
                     cum: e.cum,
                     stats_since: e.stats_since,
+                    fp: e.fp,
                     tracked,
                 },
             );
+        }
+        // Left out as unchanged: they stay outside the top N and hand nothing.
+        for k in &carried {
+            if let Some(p) = self.prev.remove(k) {
+                seen.insert(*k, p);
+            }
         }
         for (_, (datname, user), delta) in deltas {
             let at = match self
@@ -551,10 +633,23 @@ impl StatementsStep {
                 .map_err(decode_error)?;
         }
 
+        // Entries left out may have been evicted or reset in between (an entry that is
+        // gone looks like one that is idle): the next poll reads every row. So does one
+        // after a poll without rows, which says nothing about what it left out.
+        let info_moved = matches!((&self.prev_info, &info), (Some(a), Some(b)) if a != b);
+        self.full_next = !offered.is_empty() && (info_moved || rows.is_empty());
+        self.since_full = if offered.is_empty() {
+            0
+        } else {
+            self.since_full + 1
+        };
         // Texts are kept while their query stays a member.
         self.texts.retain(|k, _| members.contains(k));
         self.prev = seen;
-        self.prev_info = info;
+        // A poll without rows has no info: keep the last one to compare with.
+        if !rows.is_empty() {
+            self.prev_info = info;
+        }
         self.scores = scores;
         self.members = members;
         self.polled = true;
@@ -583,21 +678,21 @@ mod tests {
     #[test]
     fn selection_takes_the_top_n_then_keeps_members() {
         let s = scores(&[("a", 10.0), ("b", 9.0), ("c", 8.0), ("d", 1.0)]);
-        let m = select(&s, &KeySet::default(), 2);
+        let m = select(&s, &KeySet::default(), 2, &KeySet::default());
         assert_eq!(m, [key("a"), key("b")].into_iter().collect());
         // c overtakes b slightly: b stays (hysteresis).
         let s = scores(&[("a", 10.0), ("b", 8.0), ("c", 9.0), ("d", 1.0)]);
-        assert_eq!(select(&s, &m, 2), m);
+        assert_eq!(select(&s, &m, 2, &KeySet::default()), m);
         // c is now more than twice b: it replaces b.
         let s = scores(&[("a", 10.0), ("b", 4.0), ("c", 9.0), ("d", 1.0)]);
         assert_eq!(
-            select(&s, &m, 2),
+            select(&s, &m, 2, &KeySet::default()),
             [key("a"), key("c")].into_iter().collect()
         );
         // A member that vanished is replaced.
         let s = scores(&[("a", 10.0), ("c", 1.0), ("d", 2.0)]);
         assert_eq!(
-            select(&s, &m, 2),
+            select(&s, &m, 2, &KeySet::default()),
             [key("a"), key("d")].into_iter().collect()
         );
     }
@@ -608,6 +703,14 @@ mod tests {
 
     /// A row of the built-in statements query.
     fn row(q: &'static str, calls: f64, total: f64) -> Fake {
+        row_since(q, calls, total, 0.0)
+    }
+
+    /// [`row`] with pg_stat_statements_info's `dealloc`.
+    fn row_since(q: &'static str, calls: f64, total: f64, dealloc: f64) -> Fake {
+        // The fingerprint of (identity, calls), as the query computes it server-side.
+        let fp = hash_key(&[q, &calls.to_string()]) as i64;
+        let fp: &'static str = Box::leak(fp.to_string().into_boxed_str());
         Fake(vec![
             ("datname", None, "db"),
             ("user", None, "u"),
@@ -627,8 +730,9 @@ mod tests {
             ("block_read_seconds_total", Some(0.0), ""),
             ("query", None, "SELECT 1 FROM t WHERE x = 'secret'"),
             ("stats_since", None, ""),
-            ("dealloc", Some(0.0), ""),
+            ("dealloc", Some(dealloc), ""),
             ("info_reset", None, ""),
+            ("fp", None, fp),
         ])
     }
 
@@ -645,7 +749,14 @@ mod tests {
                 state: CollectorState::default(),
             }
         }
-        fn poll(&mut self, rows: &[Fake]) -> Vec<Family> {
+        /// What the server returns for the `skips_unchanged` query: the rows whose
+        /// fingerprint is not in the list the step hands it.
+        fn served<'a>(&mut self, rows: &'a [Fake]) -> Vec<&'a Fake> {
+            let skip: HashSet<i64> = self.state.unchanged(&self.def).into_iter().collect();
+            let fp = |r: &Fake| r.integer(r.index_of("fp").unwrap()).unwrap().unwrap();
+            rows.iter().filter(|r| !skip.contains(&fp(r))).collect()
+        }
+        fn poll<R: Columns>(&mut self, rows: &[R]) -> Vec<Family> {
             let base = vec![(Arc::from("target"), "t".to_string())];
             let ctx = Context {
                 def: &self.def,
@@ -807,6 +918,93 @@ mod tests {
         ]);
         let calls = by_query(family(&out, "pg_stat_statements_calls_total"));
         assert_eq!(calls, [("a".into(), 10.0), ("other".into(), 319.0)]);
+    }
+
+    /// Families as comparable text: name, then each sample's labels and value.
+    fn dump(out: &[Family]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for f in out {
+            for s in &f.samples {
+                lines.push(format!("{} {:?} {}", f.name, s.labels, s.value));
+            }
+        }
+        lines
+    }
+
+    #[test]
+    fn leaving_unchanged_rows_out_gives_the_series_of_reading_every_row() {
+        // Six queries; each poll some of them run (a fixed pseudo-random pattern). One
+        // poller reads every row, the other only what the server returns for the
+        // fingerprints it hands over: their series must be the same at every poll.
+        let names = ["a", "b", "c", "d", "e", "f"];
+        let mut calls = [0.0f64; 6];
+        let mut total = [0.0f64; 6];
+        let (mut full, mut skipping) = (Poller::new(), Poller::new());
+        let mut seed = 7u64;
+        let mut left_out = 0;
+        for poll in 0..60 {
+            for i in 0..6 {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if poll == 0 || (seed >> 33) % 10 < 3 {
+                    let n = 1 + (seed >> 40) % 20;
+                    calls[i] += n as f64;
+                    total[i] += n as f64 * (1.0 + i as f64) * 0.01;
+                }
+            }
+            let rows: Vec<Fake> = (0..6).map(|i| row(names[i], calls[i], total[i])).collect();
+            let served = skipping.served(&rows);
+            left_out += rows.len() - served.len();
+            let (a, b) = (full.poll(&rows), skipping.poll(&served));
+            assert_eq!(dump(&a), dump(&b), "poll {poll}");
+        }
+        assert!(
+            left_out > 100,
+            "the server left {left_out} rows out in 60 polls"
+        );
+    }
+
+    #[test]
+    fn after_an_eviction_the_next_poll_reads_every_row() {
+        let mut p = Poller::new();
+        let rows = [row("a", 10.0, 9.0), row("b", 2.0, 1.0), row("c", 3.0, 2.0)];
+        p.poll(&rows);
+        let served = p.served(&rows);
+        assert_eq!(served.len(), 1, "only the member a is read again");
+        p.poll(&served);
+        // b is evicted (dealloc moves); c has not run, a has. b and c look the same to the
+        // filtered query: both are left out.
+        let rows = [
+            row_since("a", 11.0, 9.5, 1.0),
+            row_since("c", 3.0, 2.0, 1.0),
+        ];
+        let served = p.served(&rows);
+        assert_eq!(served.len(), 1);
+        let out = p.poll(&served);
+        let other = |out: &[Family]| by_query(family(out, "pg_stat_statements_calls_total"));
+        assert_eq!(other(&out), [("a".into(), 11.0), ("other".into(), 5.0)]);
+        // dealloc moved: this poll asks for every row, and b is forgotten.
+        assert!(p.state.unchanged(&p.def).is_empty());
+        let out = p.poll(&rows);
+        assert_eq!(other(&out), [("a".into(), 11.0), ("other".into(), 5.0)]);
+        assert_eq!(p.served(&rows).len(), 1, "back to reading what changed");
+    }
+
+    #[test]
+    fn every_twentieth_poll_reads_every_row() {
+        let mut p = Poller::new();
+        let rows = [row("a", 10.0, 9.0), row("b", 2.0, 1.0)];
+        p.poll(&rows);
+        let mut full = Vec::new();
+        for poll in 1..=45 {
+            let served = p.served(&rows);
+            if served.len() == rows.len() {
+                full.push(poll);
+            }
+            p.poll(&served);
+        }
+        assert_eq!(full, [20, 40]);
     }
 
     fn key_of(labels: &[(Arc<str>, String)]) -> [String; 4] {
