@@ -218,9 +218,17 @@ fn five_thousand_statements_keep_top_n_and_exact_totals() {
 /// Rows pgvigil's statements query has returned so far (14+: the variant that leaves
 /// unchanged entries out; the pattern is not in the text the view keeps of this query).
 fn statements_rows(pg: &TempCluster) -> f64 {
+    own_query_sum(pg, "rows", "NOT IN (SELECT unnest($1::int8[]))")
+}
+
+/// `sum(column)` over the pg_stat_statements entries whose text contains `pattern` (a
+/// text of one of pgvigil's own queries, not found in this query's own kept text).
+fn own_query_sum(pg: &TempCluster, column: &str, pattern: &str) -> f64 {
     pg.psql(
         "postgres",
-        "SELECT coalesce(sum(rows), 0) FROM pg_stat_statements WHERE query LIKE '%NOT IN (SELECT unnest($1::int8[]))%'",
+        &format!(
+            "SELECT coalesce(sum({column}), 0) FROM pg_stat_statements WHERE query LIKE '%{pattern}%'"
+        ),
     )
     .unwrap()
     .parse()
@@ -279,13 +287,7 @@ fn a_poll_ships_only_the_entries_that_changed_and_loses_none() {
 /// Calls of pgvigil's `texts` query so far (the pattern, a constant, is not in the text
 /// pg_stat_statements keeps of this query itself).
 fn texts_calls(pg: &TempCluster) -> f64 {
-    pg.psql(
-        "postgres",
-        "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%= ANY($1::text[]::bigint[])%'",
-    )
-    .unwrap()
-    .parse()
-    .unwrap()
+    own_query_sum(pg, "calls", "= ANY($1::text[]::bigint[])")
 }
 
 /// `SELECT pg_sleep(secs)` with `k` extra columns: a queryid of its own per `k`.

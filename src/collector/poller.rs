@@ -535,15 +535,12 @@ impl TargetPoller {
             Scope::Cluster => "",
             Scope::Database => db,
         };
-        let unchanged: Vec<i64> = if variant.skips_unchanged {
-            self.with_state(def, at, |s, _| s.unchanged(def))
-        } else {
-            Vec::new()
-        };
-        let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = if variant.skips_unchanged {
-            &[&unchanged]
-        } else {
-            &[]
+        let unchanged = variant
+            .skips_unchanged
+            .then(|| self.with_state(def, at, |s, _| s.unchanged(def)));
+        let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = match &unchanged {
+            Some(fps) => &[fps],
+            None => &[],
         };
         let rows = slot
             .fetch(&variant.sql, params, timeout, lock_timeout)

@@ -183,6 +183,8 @@ struct Plan {
     members: KeySet,
     /// Entries the query was allowed to leave out, and did: carried over as they were.
     carried: KeySet,
+    /// `pg_stat_statements_info` moved since the previous poll (an eviction or reset).
+    info_changed: bool,
 }
 
 /// State kept between polls of one target.
@@ -351,7 +353,12 @@ impl StatementsStep {
         // that came back as 13 after a failover reads every row).
         let mut carried = KeySet::default();
         let skipping = rows.first().is_none_or(|r| r.index_of("fp").is_some());
-        for k in self.offered.iter().filter(|_| skipping) {
+        let offered = if skipping {
+            &self.offered
+        } else {
+            &KeySet::default()
+        };
+        for k in offered {
             let Some(p) = self.prev.get(k).filter(|_| !scores.contains_key(k)) else {
                 continue;
             };
@@ -377,6 +384,7 @@ impl StatementsStep {
             scores,
             members,
             carried,
+            info_changed,
         })
     }
 
@@ -477,6 +485,7 @@ impl StatementsStep {
             scores,
             members,
             carried,
+            info_changed,
             ..
         } = plan;
         let offered = std::mem::take(&mut self.offered);
@@ -639,8 +648,7 @@ impl StatementsStep {
         // Entries left out may have been evicted or reset in between (an entry that is
         // gone looks like one that is idle): the next poll reads every row. So does one
         // after a poll without rows, which says nothing about what it left out.
-        let info_moved = matches!((&self.prev_info, &info), (Some(a), Some(b)) if a != b);
-        self.full_next = !offered.is_empty() && (info_moved || rows.is_empty());
+        self.full_next = !offered.is_empty() && (info_changed || rows.is_empty());
         self.since_full = if offered.is_empty() {
             0
         } else {
