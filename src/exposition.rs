@@ -263,10 +263,14 @@ impl Encoded {
     fn form(&self, format: Format) -> &Form {
         self.cell(format).get_or_init(|| {
             let merged = merge(self.snapshot.families.iter());
-            let (buf, lines) = match format {
+            let (mut buf, lines) = match format {
                 Format::Text => encode_text_part(&merged),
                 Format::OpenMetrics => encode_openmetrics_part(&self.snapshot),
             };
+            // Kept until the snapshot changes, which for many parts is never: what the
+            // buffer grew to beyond the text is given back (with many targets, a third
+            // of the parts' memory).
+            buf.shrink_to_fit();
             debug_assert_eq!(merged.len(), lines.len());
             debug_assert_eq!(merged.len(), self.shape.len());
             let families = merged

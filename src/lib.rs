@@ -110,21 +110,21 @@ pub fn pollers(
 ) -> Result<(Arc<Store>, Vec<Arc<TargetPoller>>), StartError> {
     let store = Store::new();
     // The activity sampler's collectors run on the sampler (trace::start), not here.
-    let collectors = Arc::new(
-        catalog
-            .collectors
-            .iter()
-            .filter(|c| c.run_by == collector::pack::RunBy::Poller)
-            .cloned()
-            .collect(),
-    );
+    let collectors: Vec<_> = catalog
+        .collectors
+        .iter()
+        .filter(|c| c.run_by == collector::pack::RunBy::Poller)
+        .cloned()
+        .collect();
+    let by_kind = collector::poller::ByKind::new(&collectors);
     let pollers = config
         .resolve_targets(&process_env)?
         .into_iter()
         .map(|target| {
+            let collectors = by_kind.of(target.kind);
             TargetPoller::new(
                 target,
-                Arc::clone(&collectors),
+                collectors,
                 config.collectors.defaults,
                 config.statements,
                 config.tables,

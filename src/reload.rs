@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::collector::pack::{Catalog, CollectorDef};
-use crate::collector::poller::TargetPoller;
+use crate::collector::poller::{ByKind, TargetPoller};
 use crate::config::{Config, Target, TargetKind};
 use crate::store::Store;
 use crate::{process_env, trace, StartError};
@@ -154,9 +154,36 @@ struct RunningTarget {
 /// A target's activity sampler and span exporter.
 struct Sampler {
     /// The target's spec and the tracing settings it was started with.
-    key: String,
+    key: SamplerKey,
     stop: watch::Sender<bool>,
     tracing: trace::Tracing,
+}
+
+/// Everything a target's sampler depends on: its connection and labels, and what every
+/// sampler shares (tracing and the contents of its certificate files, the activity
+/// section, the collector whose query it runs), made once per configuration: the
+/// definitions written out are about 100 KB, too much to hold per target.
+#[derive(Debug, PartialEq)]
+struct SamplerKey {
+    target: String,
+    shared: Arc<str>,
+}
+
+/// The part of [`SamplerKey`] every target shares.
+fn sampler_key_shared(config: &Config, catalog: &Catalog, plan: Option<&trace::Plan>) -> String {
+    let sampler_defs: Vec<&CollectorDef> = catalog
+        .collectors
+        .iter()
+        .filter(|c| c.run_by == crate::collector::pack::RunBy::ActivitySampler)
+        .collect();
+    format!(
+        "{:?} {} {:?} {:?} {:?}",
+        config.tracing,
+        plan.map(|p| p.files_key()).unwrap_or_default(),
+        config.activity,
+        config.collectors.defaults,
+        sampler_defs
+    )
 }
 
 impl Sampler {
@@ -204,20 +231,20 @@ impl Running {
         let tracing = trace::plan(config, catalog, &process_env)?;
         let was_ready = self.started && self.store.ready();
         // The activity sampler's collectors run on the sampler, not in the poller.
-        let collectors = Arc::new(
-            catalog
-                .collectors
-                .iter()
-                .filter(|c| c.run_by == crate::collector::pack::RunBy::Poller)
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
+        let collectors: Vec<CollectorDef> = catalog
+            .collectors
+            .iter()
+            .filter(|c| c.run_by == crate::collector::pack::RunBy::Poller)
+            .cloned()
+            .collect();
+        let by_kind = ByKind::new(&collectors);
         let names: Vec<&str> = catalog
             .collectors
             .iter()
             .map(|c| c.name.0.as_str())
             .collect();
         let mut summary = Summary::default();
+        let mut sampler_shared: Option<Arc<str>> = None;
         let mut failed: Option<trace::TraceError> = None;
 
         let wanted: HashSet<&str> = targets.iter().map(|t| t.name.as_str()).collect();
@@ -253,7 +280,7 @@ impl Running {
                     let (stop, stop_rx) = watch::channel(false);
                     // The budget carries over: a kept sampler's EXPLAINs take sessions from it.
                     let budget = old.poller.budget_to_share(&target);
-                    let poller = self.poller(&target, config, &collectors, budget);
+                    let poller = self.poller(&target, config, &by_kind, budget);
                     poller.inherit_states(&old.poller, &inherit);
                     self.store.retain_collectors(&target.name, &names);
                     let tasks = poller.spawn(stop_rx);
@@ -268,7 +295,7 @@ impl Running {
                 Change::Start => {
                     summary.added += 1;
                     let (stop, stop_rx) = watch::channel(false);
-                    let poller = self.poller(&target, config, &collectors, None);
+                    let poller = self.poller(&target, config, &by_kind, None);
                     if was_ready {
                         // A target added by a reload does not take a serving pgvigil out
                         // of rotation: `/readyz` is about the process, which is serving.
@@ -288,27 +315,16 @@ impl Running {
             let sampled = tracing
                 .as_ref()
                 .filter(|_| target.kind == TargetKind::Postgres);
-            let key = sampled.map(|plan| {
-                // Everything the sampler depends on: connection and labels, tracing (and
-                // the contents of its certificate files), the activity section and the
-                // collector whose query it runs.
-                let sampler_defs: Vec<&CollectorDef> = catalog
-                    .collectors
-                    .iter()
-                    .filter(|c| c.run_by == crate::collector::pack::RunBy::ActivitySampler)
-                    .collect();
-                // `max_connections` too: the EXPLAINs of `tracing.explain` take sessions
-                // from the poller's budget of that size.
-                format!(
-                    "{} max_connections {} {:?} {} {:?} {:?} {:?}",
-                    running.spec.base,
-                    target.max_connections,
-                    config.tracing,
-                    plan.files_key(),
-                    config.activity,
-                    config.collectors.defaults,
-                    sampler_defs
-                )
+            // `max_connections` too: the EXPLAINs of `tracing.explain` take sessions from
+            // the poller's budget of that size.
+            let key = sampled.map(|_| SamplerKey {
+                target: format!(
+                    "{} max_connections {}",
+                    running.spec.base, target.max_connections
+                ),
+                shared: Arc::clone(sampler_shared.get_or_insert_with(|| {
+                    Arc::from(sampler_key_shared(config, catalog, tracing.as_ref()))
+                })),
             });
             if running.sampler.as_ref().map(|s| &s.key) != key.as_ref() {
                 if let Some(s) = running.sampler.take() {
@@ -343,12 +359,12 @@ impl Running {
         &self,
         target: &Target,
         config: &Config,
-        collectors: &Arc<Vec<CollectorDef>>,
+        collectors: &ByKind,
         budget: Option<Arc<tokio::sync::Semaphore>>,
     ) -> Arc<TargetPoller> {
         TargetPoller::sharing(
             target.clone(),
-            Arc::clone(collectors),
+            collectors.of(target.kind),
             config.collectors.defaults,
             config.statements,
             config.tables,

@@ -35,7 +35,7 @@ use tracing::Instrument;
 use crate::collector::names::{NameCache, Relations};
 use crate::collector::pack::{CacheKind, CollectorDef, Scope};
 use crate::collector::steps::{CollectorState, Context};
-use crate::config::{CollectorDefaults, StatementsConfig, TablesConfig, Target};
+use crate::config::{CollectorDefaults, StatementsConfig, TablesConfig, Target, TargetKind};
 use crate::health::{LagScope, POLL_LAG};
 use crate::postgres::slot::{Event, Slot, SlotGuard};
 use crate::postgres::value::QueryRow;
@@ -76,6 +76,28 @@ pub struct TargetPoller {
     /// State kept between polls per (collector, database): accumulated counters and
     /// processors. Locked only for the synchronous post-processing step.
     states: Mutex<HashMap<(String, String), CollectorState>>,
+}
+
+/// A configuration's collectors split by the kind of target they run on, made once per
+/// configuration: every poller of a kind shares one list, instead of each PostgreSQL
+/// target holding its own copy of the definitions without the PgBouncer packs (a copy is
+/// about 100 KB; with 1,000 targets, 100 MB).
+#[derive(Debug, Default)]
+pub struct ByKind(HashMap<TargetKind, Arc<Vec<CollectorDef>>>);
+
+impl ByKind {
+    pub fn new(collectors: &[CollectorDef]) -> ByKind {
+        let mut by_kind: HashMap<TargetKind, Vec<CollectorDef>> = HashMap::new();
+        for c in collectors {
+            by_kind.entry(c.kind).or_default().push(c.clone());
+        }
+        ByKind(by_kind.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
+    }
+
+    /// The collectors that run on targets of `kind` (none may).
+    pub fn of(&self, kind: TargetKind) -> Arc<Vec<CollectorDef>> {
+        self.0.get(&kind).cloned().unwrap_or_default()
+    }
 }
 
 impl TargetPoller {
@@ -228,7 +250,10 @@ impl TargetPoller {
             tokio::select! {
                 due = tick.tick() => {
                     observe_lag(LagScope::Cluster, due);
-                    self.poll_collector(def).await
+                    // Boxed: a task's future is as large as its largest state, and a
+                    // target has a task per collector that waits most of the time. The
+                    // poll's state (a few kilobytes) lives only while it runs.
+                    Box::pin(self.poll_collector(def)).await
                 }
                 _ = shutdown.changed() => return,
             }
@@ -265,7 +290,7 @@ impl TargetPoller {
                 }
             }
             tokio::select! {
-                _ = self.visit_round(&due) => {}
+                _ = Box::pin(self.visit_round(&due)) => {}
                 _ = shutdown.changed() => return,
             }
         }
@@ -905,6 +930,25 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_of_a_kind_share_one_list_of_its_collectors() {
+        let catalog = crate::collector::pack::Catalog::load(&Default::default()).unwrap();
+        let by_kind = ByKind::new(&catalog.collectors);
+        for kind in [TargetKind::Postgres, TargetKind::Pgbouncer] {
+            let (a, b) = (by_kind.of(kind), by_kind.of(kind));
+            assert!(
+                Arc::ptr_eq(&a, &b),
+                "{kind:?}: one list, not a copy per target"
+            );
+            assert!(
+                !a.is_empty() && a.iter().all(|c| c.kind == kind),
+                "{kind:?}"
+            );
+            let all = catalog.collectors.iter().filter(|c| c.kind == kind).count();
+            assert_eq!(a.len(), all, "{kind:?}: every collector of the kind");
+        }
+    }
 
     #[test]
     fn a_denied_query_says_what_to_grant() {

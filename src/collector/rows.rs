@@ -151,6 +151,15 @@ fn samples<T: Rows + ?Sized>(
         .map(|(c, want)| column(m, rows, c).map(|i| (i, want.as_str())))
         .collect::<Result<Vec<_>, _>>()?;
     let add_datname = def.scope == Scope::Database && !m.labels.iter().any(|l| l.0 == "datname");
+    // Label names are shared by every sample of the metric.
+    let datname = add_datname.then(|| Arc::<str>::from("datname"));
+    let static_labels: Vec<(Arc<str>, &String)> = m
+        .static_labels
+        .iter()
+        .map(|(k, v)| (Arc::from(k.0.as_str()), v))
+        .collect();
+    let width =
+        base_labels.len() + usize::from(add_datname) + label_idx.len() + static_labels.len();
     let mut out: Vec<Sample> = Vec::new();
     // Duplicate label sets, found by hash without copying every label set; samples
     // with equal hashes are then compared for real.
@@ -183,9 +192,11 @@ fn samples<T: Rows + ?Sized>(
                 _ => continue 'rows,
             }
         }
-        let mut labels = base_labels.to_vec();
-        if add_datname {
-            labels.push((Arc::from("datname"), database.to_string()));
+        // Exactly as long as needed: a snapshot keeps its samples until the next poll.
+        let mut labels = Vec::with_capacity(width);
+        labels.extend_from_slice(base_labels);
+        if let Some(k) = &datname {
+            labels.push((Arc::clone(k), database.to_string()));
         }
         for (name, i) in &label_idx {
             let v = rows
@@ -193,8 +204,8 @@ fn samples<T: Rows + ?Sized>(
                 .map_err(|e| decode(format!("metric {}: label {name}: {e}", m.name)))?;
             labels.push((name.clone(), v));
         }
-        for (k, v) in &m.static_labels {
-            labels.push((Arc::from(k.0.as_str()), v.clone()));
+        for (k, v) in &static_labels {
+            labels.push((Arc::clone(k), (*v).clone()));
         }
         let same = seen.entry(hash_of(&labels)).or_default();
         if same.iter().any(|&i| out[i].labels == labels) {
@@ -207,6 +218,7 @@ fn samples<T: Rows + ?Sized>(
         same.push(out.len());
         out.push(Sample { labels, value });
     }
+    out.shrink_to_fit();
     Ok(out)
 }
 
