@@ -16,9 +16,12 @@ use std::sync::Mutex;
 use flate2::{Compress, Compression, FlushCompress};
 
 /// The compression level of pieces. Pieces are compressed when a snapshot is stored (in
-/// the poller, once per poll), not per scrape; measured on a real 5,000-statement scrape
-/// (`cargo bench --bench encode -- deflate_level`), see the README's performance section.
-pub const LEVEL: u32 = 2;
+/// the poller, once per poll), not per scrape. Chosen on a real 5,000-statement scrape of
+/// 302 KB (`PGVIGIL_BENCH_BODY=body.txt cargo bench --bench encode -- gzip_level`): the
+/// smallest output that costs no more CPU than level 2 of the previous backend
+/// (miniz_oxide: 2.12 ms, 33.3 KB; zlib-rs level 4: 2.00 ms, 31.3 KB; level 6 would be
+/// 3.2 ms for 29.8 KB).
+pub const LEVEL: u32 = 4;
 
 /// `data` compressed as raw DEFLATE blocks ending in a sync flush: a piece [`Body`] can
 /// place anywhere in a stream. Empty for empty `data`.
