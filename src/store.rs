@@ -233,9 +233,27 @@ impl Store {
 
     /// Drops every snapshot of a target's collector whose database is not in `keep`
     /// (a database that was dropped or filtered out).
+    ///
+    /// Called after every round of visits, by every target: it looks at that collector's
+    /// keys only (a range of the ordered map, not all targets' snapshots), and changes
+    /// nothing, not even the generation, when every database is kept.
     pub fn retain_databases(&self, target: &str, collector: &str, keep: &[String]) {
+        let of_collector = |s: &BTreeMap<Key, Stored>| -> Vec<Key> {
+            let from = (target.to_string(), collector.to_string(), String::new());
+            s.range(from..)
+                .map(|(k, _)| k)
+                .take_while(|(t, c, _)| t == target && c == collector)
+                .filter(|(_, _, db)| !keep.contains(db))
+                .cloned()
+                .collect()
+        };
+        if of_collector(&self.snapshots.read().unwrap_or_else(|e| e.into_inner())).is_empty() {
+            return;
+        }
         let mut s = self.snapshots.write().unwrap_or_else(|e| e.into_inner());
-        s.retain(|(t, c, db), _| t != target || c != collector || keep.contains(db));
+        for key in of_collector(&s) {
+            s.remove(&key);
+        }
         drop(s);
         self.bump();
     }
@@ -379,6 +397,45 @@ pub fn unix_seconds(t: SystemTime) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retain_databases_drops_only_that_collectors_other_databases() {
+        let store = Store::new();
+        let key = |t: &str, c: &str, db: &str| (t.to_string(), c.to_string(), db.to_string());
+        let snap = || Snapshot {
+            families: Vec::new(),
+        };
+        for (t, c, db) in [
+            ("a", "tables", "app"),
+            ("a", "tables", "gone"),
+            ("a", "tables2", "gone"),
+            ("a", "settings", ""),
+            ("ab", "tables", "gone"),
+            ("b", "tables", "gone"),
+        ] {
+            store.put(key(t, c, db), snap());
+        }
+        let generation = store.generation();
+        store.retain_databases("a", "tables", &["app".into(), "gone".into()]);
+        assert_eq!(
+            store.generation(),
+            generation,
+            "nothing dropped, nothing changed"
+        );
+        store.retain_databases("a", "tables", &["app".into()]);
+        assert!(store.generation() > generation);
+        let left: Vec<Key> = store.snapshots.read().unwrap().keys().cloned().collect();
+        assert_eq!(
+            left,
+            [
+                key("a", "settings", ""),
+                key("a", "tables", "app"),
+                key("a", "tables2", "gone"),
+                key("ab", "tables", "gone"),
+                key("b", "tables", "gone"),
+            ]
+        );
+    }
 
     #[test]
     fn visits_behind_and_oldest() {

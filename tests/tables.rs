@@ -245,3 +245,34 @@ fn two_thousand_tables_keep_at_most_three_top_n_plus_one_series_per_database() {
         }
     }
 }
+
+#[test]
+fn a_dropped_database_loses_its_series_and_the_others_keep_theirs() {
+    let pg = cluster(&[]);
+    for db in ["app", "gone"] {
+        pg.psql("postgres", &format!("CREATE DATABASE {db}"))
+            .unwrap();
+        pg.psql(db, "CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+            .unwrap();
+    }
+    let run = start(tables_only(
+        &pg.dsn(),
+        "  defaults: {interval: 1s, timeout: 5s}\n",
+    ));
+    wait_for(
+        &run,
+        std::time::Duration::from_secs(30),
+        "tables of app and gone",
+        |s| (tables_of(s, "app").contains("t") && tables_of(s, "gone").contains("t")).then_some(()),
+    );
+    pg.psql("postgres", "DROP DATABASE gone WITH (FORCE)")
+        .unwrap();
+    // The next round of visits finds `gone` missing and drops its snapshot.
+    let left = wait_for(
+        &run,
+        std::time::Duration::from_secs(30),
+        "no series of gone",
+        |s| tables_of(s, "gone").is_empty().then(|| tables_of(s, "app")),
+    );
+    assert!(left.contains("t"), "app keeps its tables: {left:?}");
+}
