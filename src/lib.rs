@@ -109,14 +109,7 @@ pub fn pollers(
     catalog: &Catalog,
 ) -> Result<(Arc<Store>, Vec<Arc<TargetPoller>>), StartError> {
     let store = Store::new();
-    // The activity sampler's collectors run on the sampler (trace::start), not here.
-    let collectors: Vec<_> = catalog
-        .collectors
-        .iter()
-        .filter(|c| c.run_by == collector::pack::RunBy::Poller)
-        .cloned()
-        .collect();
-    let by_kind = collector::poller::ByKind::new(&collectors);
+    let by_kind = collector::poller::ByKind::pollers(catalog);
     let pollers = config
         .resolve_targets(&process_env)?
         .into_iter()

@@ -230,14 +230,7 @@ impl Running {
         let owned = targets.len();
         let tracing = trace::plan(config, catalog, &process_env)?;
         let was_ready = self.started && self.store.ready();
-        // The activity sampler's collectors run on the sampler, not in the poller.
-        let collectors: Vec<CollectorDef> = catalog
-            .collectors
-            .iter()
-            .filter(|c| c.run_by == crate::collector::pack::RunBy::Poller)
-            .cloned()
-            .collect();
-        let by_kind = ByKind::new(&collectors);
+        let by_kind = ByKind::pollers(catalog);
         let names: Vec<&str> = catalog
             .collectors
             .iter()
@@ -266,7 +259,7 @@ impl Running {
         }
 
         for target in targets {
-            let spec = TargetSpec::new(&target, config, &collectors);
+            let spec = TargetSpec::new(&target, config, &by_kind.of(target.kind));
             let mut old = self.targets.remove(&target.name);
             let mut running = match change(old.as_ref().map(|o| &o.spec), &spec) {
                 Change::Keep => {

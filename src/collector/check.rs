@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use crate::collector::pack::{Catalog, CollectorDef};
-use crate::collector::poller::TargetPoller;
+use crate::collector::poller::{ByKind, TargetPoller};
 use crate::config::{Config, TargetKind};
 use crate::postgres::{dsn, ErrorKind, PgError};
 use crate::store::Store;
@@ -157,17 +157,11 @@ impl Report {
 /// `catalog` once on its main database.
 pub async fn run(config: &Config, catalog: &Catalog) -> Result<Report, StartError> {
     let targets = config.resolve_targets(&process_env)?;
+    // Only the packs of the target's kind run on it (PostgreSQL or PgBouncer).
+    let by_kind = ByKind::new(&catalog.collectors);
     let checks = targets.into_iter().map(|target| {
-        // Only the packs of the target's kind run on it (PostgreSQL or PgBouncer).
         let kind = target.kind;
-        let collectors: Arc<Vec<CollectorDef>> = Arc::new(
-            catalog
-                .collectors
-                .iter()
-                .filter(|c| c.kind == kind)
-                .cloned()
-                .collect(),
-        );
+        let collectors = by_kind.of(kind);
         let name = target.name.clone();
         let (host, port) = dsn::server(&target.pg.0);
         let server = format!("{host}:{port}/{}", dsn::database(&target.pg.0));

@@ -33,7 +33,7 @@ use tokio_postgres::Row;
 use tracing::Instrument;
 
 use crate::collector::names::{NameCache, Relations};
-use crate::collector::pack::{CacheKind, CollectorDef, Scope};
+use crate::collector::pack::{CacheKind, Catalog, CollectorDef, RunBy, Scope};
 use crate::collector::steps::{CollectorState, Context};
 use crate::config::{CollectorDefaults, StatementsConfig, TablesConfig, Target, TargetKind};
 use crate::health::{LagScope, POLL_LAG};
@@ -86,12 +86,23 @@ pub struct TargetPoller {
 pub struct ByKind(HashMap<TargetKind, Arc<Vec<CollectorDef>>>);
 
 impl ByKind {
-    pub fn new(collectors: &[CollectorDef]) -> ByKind {
+    pub fn new<'a>(collectors: impl IntoIterator<Item = &'a CollectorDef>) -> ByKind {
         let mut by_kind: HashMap<TargetKind, Vec<CollectorDef>> = HashMap::new();
         for c in collectors {
             by_kind.entry(c.kind).or_default().push(c.clone());
         }
         ByKind(by_kind.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
+    }
+
+    /// The catalog's collectors that pollers run: the activity sampler's run on the
+    /// sampler (`trace::start`), not here.
+    pub fn pollers(catalog: &Catalog) -> ByKind {
+        ByKind::new(
+            catalog
+                .collectors
+                .iter()
+                .filter(|c| c.run_by == RunBy::Poller),
+        )
     }
 
     /// The collectors that run on targets of `kind` (none may).
@@ -133,19 +144,8 @@ impl TargetPoller {
             .collect();
         store.add_target(&target.name, base_labels.clone());
         // A pack runs on targets of its own kind only (PgBouncer's console has no
-        // catalogs; PostgreSQL has no `SHOW POOLS`).
-        let collectors: Arc<Vec<CollectorDef>> = if collectors.iter().all(|c| c.kind == target.kind)
-        {
-            collectors
-        } else {
-            Arc::new(
-                collectors
-                    .iter()
-                    .filter(|c| c.kind == target.kind)
-                    .cloned()
-                    .collect(),
-            )
-        };
+        // catalogs; PostgreSQL has no `SHOW POOLS`): callers pass [`ByKind::of`].
+        debug_assert!(collectors.iter().all(|c| c.kind == target.kind));
         let pending = collectors.iter().map(|c| c.name.0.clone()).collect();
         Arc::new(TargetPoller {
             budget: budget
