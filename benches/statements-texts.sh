@@ -38,8 +38,11 @@ for i in range(5000):
     print(f"SELECT /* {pad} */ {expr};")
 PY
 "${PSQL[@]}" -f "$DIR/fill.sql" >/dev/null
-OLD=$(sed -n '/min_version: 14/,/WHERE s.queryid IS NOT NULL/p' "$(dirname "$0")/../queries/statements.yaml" \
+# The 14-16 variant whole, with an empty list of unchanged fingerprints ($1): the poll that
+# returns every row (the first one, and every 20th), the most a poll ships.
+OLD=$(sed -n '/min_version: 14/,/WHERE s.fp NOT IN/p' "$(dirname "$0")/../queries/statements.yaml" \
   | sed -n '/sql: |/,$p' | sed '1d' \
+  | sed "s/\$1::int8\[\]/'{}'::int8[]/" \
   | sed 's/NULL::text AS query,/left(s.query, 4096) AS query,/; s/pg_stat_statements(false)/pg_stat_statements(true)/')
 NEW=$(echo "$OLD" | sed 's/left(s.query, 4096) AS query,/NULL::text AS query,/; s/pg_stat_statements(true)/pg_stat_statements(false)/')
 IDS=$("${PSQL[@]}" -At -c "SELECT string_agg(queryid::text, ',') FROM (SELECT queryid FROM pg_stat_statements WHERE query LIKE 'SELECT /*%' ORDER BY queryid LIMIT 100) q")
@@ -49,12 +52,15 @@ OLD=$(echo "$OLD" | tr '\n' ' ')
 NEW=$(echo "$NEW" | tr '\n' ' ')
 # label, SQL, a LIKE pattern that finds the SQL's own entry (of role bench)
 measure() {
-  local bytes ms
+  local bytes ms stat before after
   bytes=$(psql -X -q -h 127.0.0.1 -p "$PORT" -U bench -d postgres -At -c "COPY ($2) TO STDOUT" | wc -c)
+  stat="SELECT coalesce(sum(total_exec_time), 0) || ' ' || coalesce(sum(calls), 0) FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = 'bench' AND query LIKE \$p\$$3\$p\$"
+  before=$("${PSQL[@]}" -At -c "$stat")
   for _ in $(seq 1 "$RUNS"); do
     psql -X -q -h 127.0.0.1 -p "$PORT" -U bench -d postgres -At -c "$2" >/dev/null
   done
-  ms=$("${PSQL[@]}" -At -c "SELECT round((sum(total_exec_time) / sum(calls))::numeric, 2) FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = 'bench' AND query LIKE \$p\$$3\$p\$")
+  after=$("${PSQL[@]}" -At -c "$stat")
+  ms=$(echo "$before $after" | awk '{ printf "%.2f", ($3 - $1) / ($4 - $2) }')
   printf '%-28s %12s %16s\n' "$1" "$bytes" "$ms"
 }
 echo "entries: $("${PSQL[@]}" -At -c "SELECT count(*) FROM pg_stat_statements") (avg text $("${PSQL[@]}" -At -c "SELECT round(avg(length(query))) FROM pg_stat_statements WHERE query LIKE 'SELECT /*%'") chars), $RUNS runs each, PostgreSQL $("${PSQL[@]}" -At -c "SHOW server_version")"
@@ -62,3 +68,9 @@ printf '%-28s %12s %16s\n' query "bytes/poll" "server ms/call"
 measure "poll, with texts (before)" "$OLD" '%left(s.query%IS NOT NULL%'
 measure "poll, no texts (after)" "$NEW" '%::text AS query,%'
 measure "texts query, 100 queryids" "$TEXTS" '%ANY(%'
+# A steady poll: $1 holds every entry's fingerprint, as after a poll where nothing ran
+# since; no row is shipped, the server still reads every entry. It shares the poll's
+# entry (the list is a constant), so measure() takes the difference of that entry.
+FPS=$("${PSQL[@]}" -At -c "SELECT string_agg(fp::text, ',') FROM ($NEW) q")
+STEADY=${NEW/"'{}'::int8[]"/"'{$FPS}'::int8[]"}
+measure "poll, nothing changed" "$STEADY" '%::text AS query,%'
